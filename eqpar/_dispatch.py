@@ -1,0 +1,236 @@
+"""Compile once per call signature, dispatch at the cost of raw `jax.jit`.
+
+The other half of eqpar's one mechanism. Every eqpar transform is a `Transformed`
+module holding the user's function and a `Compiled` dispatcher. A call:
+
+1. flattens `(fun, args, kwargs)` once and splits the leaves into arrays and a
+   *signature* (the leaves with each array replaced by a marker);
+2. looks the signature (plus the tree structure and a backend context, such as the
+   mesh) up in a dict: a hit gives a `jax.jit` of a body that takes only the arrays;
+3. calls it with the list of arrays and rebuilds the output from the arrays it returns
+   and the non-array output leaves recorded when the body was traced.
+
+Spec resolution, error checks and the backend transform (`jax.vmap`, `jax.shard_map`)
+all happen inside the body, i.e. once per trace, never on the hot path. `jax.jit`'s
+own cache then keys on shapes and dtypes.
+"""
+
+from collections.abc import Callable, Hashable
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+
+from ._specs import DYNAMIC, merge_leaves, split_leaves
+
+
+# A backend's run: traced once per signature and shapes. Returns the output pytree
+# and, when it knows them, the shardings its array inputs should have (used to place
+# inputs that `jax.jit` refuses as they are).
+Run = Callable[[Any, tuple, dict, Any], tuple[Any, list[Any] | None]]
+
+
+class _Identity:
+    """Key for an unhashable static leaf: equal only to the very same object."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _Identity and other.obj is self.obj
+
+
+def _hashable(x: Any) -> Any:
+    try:
+        hash(x)
+    except TypeError:
+        return _Identity(x)
+    return x
+
+
+def _avals(arrays: list[Any]) -> tuple:
+    return tuple((x.shape, x.dtype) for x in arrays)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+class _Entry:
+    """One call signature: its compiled function and what its traces recorded."""
+
+    __slots__ = ("jitted", "out", "by_avals", "first_avals", "placements")
+
+    def __init__(self) -> None:
+        self.jitted: Callable[[list[Any]], list[Any]] = _unset
+        self.out: tuple[Any, tuple, bool] | None = None
+        self.first_avals: tuple | None = None
+        # Non-array outputs that differ between traces (they depend on shapes) are
+        # looked up by input shapes instead. Rare; costs only those who need it.
+        self.by_avals: dict[tuple, tuple[Any, tuple, bool]] | None = None
+        self.placements: dict[tuple, list[Any]] = {}
+
+    def record(
+        self, treedef: Any, signature: list[Any], arrays: list[Any], shardings: Any
+    ) -> None:
+        avals = _avals(arrays)
+        if shardings is not None:
+            self.placements[avals] = shardings
+        all_dynamic = all(s is DYNAMIC for s in signature)
+        out = (treedef, tuple(signature), all_dynamic)
+        if self.by_avals is not None:
+            self.by_avals[avals] = out
+        elif self.out is None:
+            self.out, self.first_avals = out, avals
+        elif not _same(self.out[:2], out[:2]):
+            assert self.first_avals is not None
+            self.by_avals = {self.first_avals: self.out, avals: out}
+
+    def rebuild(self, out_arrays: list[Any], in_arrays: list[Any]) -> Any:
+        out = self.out if self.by_avals is None else self.by_avals[_avals(in_arrays)]
+        assert out is not None
+        treedef, signature, all_dynamic = out
+        if all_dynamic:
+            return jtu.tree_unflatten(treedef, out_arrays)
+        return jtu.tree_unflatten(treedef, merge_leaves(signature, out_arrays))
+
+    def place(self, arrays: list[Any]) -> list[Any] | None:
+        """Inputs moved to where the compiled program wants them, or `None` when
+        they already are there (so a failure had another cause)."""
+        shardings = self.placements.get(_avals(arrays))
+        if shardings is None:
+            return None
+        if all(
+            isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+            and x.sharding == s
+            for x, s in zip(arrays, shardings)
+        ):
+            return None
+        if any(isinstance(x, jax.core.Tracer) for x in arrays):
+            return None
+        return jax.device_put(arrays, shardings)
+
+
+def _unset(_: list[Any]) -> list[Any]:
+    raise AssertionError("unreachable: entry used before it was compiled")
+
+
+Donate = Literal["none", "all"]
+
+
+class Compiled:
+    """The per-transform cache of compiled call signatures.
+
+    `run(fun, args, kwargs, context)` is the backend; `context` is a hashable value
+    computed per call by `context_fn` (e.g. the mesh) that is part of the key.
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        *,
+        context_fn: Callable[[], Hashable] | None = None,
+        donate: Donate = "none",
+    ):
+        if donate not in ("none", "all"):
+            raise ValueError(f'`donate` must be "none" or "all", got {donate!r}.')
+        self._run = run
+        self._context_fn = context_fn
+        self._donate = donate
+        self._cache: dict[Hashable, _Entry] = {}
+        self._slow: list[tuple[Any, _Entry]] = []  # signatures that cannot be hashed
+
+    def __call__(self, fun: Any, args: tuple, kwargs: dict) -> Any:
+        leaves, treedef = jtu.tree_flatten((fun, args, kwargs))
+        arrays, signature = split_leaves(leaves)
+        context = None if self._context_fn is None else self._context_fn()
+        sig = tuple(signature)
+        # Types too: 1, 1.0 and True are equal and hash alike, but trace differently.
+        key = (treedef, context, sig, tuple(map(type, sig)))
+        try:
+            entry = self._cache[key]
+        except KeyError:
+            entry = self._cache[key] = self._new_entry(treedef, signature, context)
+        except TypeError:
+            entry = self._slow_lookup(key, treedef, signature, context)
+        try:
+            out_arrays = entry.jitted(arrays)
+        except Exception:
+            placed = entry.place(arrays)
+            if placed is None:
+                raise
+            arrays = placed
+            out_arrays = entry.jitted(arrays)
+        return entry.rebuild(out_arrays, arrays)
+
+    def _slow_lookup(
+        self, key: tuple, treedef: Any, signature: list[Any], context: Any
+    ) -> _Entry:
+        treedef_, context_, sig, types = key
+        slow_key = (treedef_, context_, tuple(map(_hashable, sig)), types)
+        for k, entry in self._slow:
+            if _same(k, slow_key):
+                return entry
+        entry = self._new_entry(treedef, signature, context)
+        self._slow.append((slow_key, entry))
+        return entry
+
+    def _new_entry(self, treedef: Any, signature: list[Any], context: Any) -> _Entry:
+        entry = _Entry()
+        run = self._run
+
+        def body(arrays: list[Any]) -> list[Any]:
+            fun, args, kwargs = jtu.tree_unflatten(
+                treedef, merge_leaves(signature, arrays)
+            )
+            out, shardings = run(fun, args, kwargs, context)
+            out_leaves, out_treedef = jtu.tree_flatten(out)
+            out_arrays, out_signature = split_leaves(out_leaves)
+            entry.record(out_treedef, out_signature, arrays, shardings)
+            return out_arrays
+
+        donate = (0,) if self._donate == "all" else ()
+        entry.jitted = jax.jit(body, donate_argnums=donate)
+        return entry
+
+
+class Transformed(eqx.Module):
+    """A transformed function: a pytree (its function's arrays are leaves) that binds
+    as a method and dispatches through its `Compiled` cache."""
+
+    _fun: Callable
+    _compiled: Compiled = eqx.field(static=True)
+
+    @property
+    def __wrapped__(self) -> Callable:
+        return self._fun
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        return self._compiled(self._fun, args, kwargs)
+
+    def __get__(self, instance: Any, owner: Any) -> Any:
+        del owner
+        if instance is None:
+            return self
+        return eqx.Partial(self, instance)
+
+
+def transformed(fun: Callable, compiled: Compiled) -> Any:
+    return eqx.module_update_wrapper(Transformed(fun, compiled))
+
+
+def decorator_or_call(fun: Any, make: Callable[[Callable], Any]) -> Any:
+    """`@t`, `@t(...)` and `t(fn, ...)` in one place."""
+    if fun is None:
+        return make
+    return make(fun)
+

@@ -1,0 +1,30 @@
+"""eqpar's error types.
+
+Every error eqpar raises for bad input is one of these, so that user code can catch
+eqpar's complaints precisely, and each subclasses the builtin a user would reach for
+first (`ValueError`, `NameError`), so that generic handlers keep working.
+"""
+
+
+class EqparError(Exception):
+    """Base class of every error eqpar raises on purpose."""
+
+
+class SpecError(EqparError, ValueError):
+    """A spec (`in_axes`, `out_axes`, `in_specs`, `out_specs`) does not fit the values
+    it describes: wrong tree structure, an axis out of range, an unknown parameter
+    name, or a value of the wrong kind."""
+
+
+class AxisSizeError(EqparError, ValueError):
+    """Mapped or sharded sizes do not fit: arguments disagree on the mapped size, a
+    mapped axis is longer than the number of devices, or a sharded dimension does not
+    divide over the mesh axes it is split across."""
+
+
+class MeshError(EqparError, ValueError):
+    """No mesh to run on, or a spec names an axis that the mesh does not have."""
+
+
+class UnboundAxisError(EqparError, NameError):
+    """A collective named an axis that no enclosing transform binds."""

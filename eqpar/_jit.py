@@ -1,0 +1,58 @@
+"""`filter_jit`: the identity backend of eqpar's dispatcher (compile, nothing mapped).
+
+It exists because a compiled call is where eqpar's other transforms usually live
+(`filter_jit` of a function that uses `filter_vmap` inside), and because its dispatch
+is what the user pays on every step: it costs about what `jax.jit` on the array
+leaves costs, where `equinox.filter_jit` costs several times that.
+"""
+
+from collections.abc import Callable
+from typing import Any, overload
+
+from ._dispatch import Compiled, Donate, decorator_or_call, transformed
+
+
+def _jit_run(fun: Any, args: tuple, kwargs: dict, context: None) -> tuple[Any, None]:
+    del context
+    return fun(*args, **kwargs), None
+
+
+@overload
+def filter_jit(
+    fun: None = None, *, donate: Donate = "none"
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]: ...
+
+
+@overload
+def filter_jit(fun: Callable[..., Any], *, donate: Donate = "none") -> Callable[..., Any]: ...
+
+
+def filter_jit(fun: Callable[..., Any] | None = None, *, donate: Donate = "none") -> Any:
+    """Compiles `fun`, tracing array leaves and keeping every other leaf static.
+
+    Same contract as `equinox.filter_jit`: arrays (JAX and NumPy) are traced, anything
+    else (Python numbers, strings, functions, Module static fields) is part of the
+    compiled signature, so changing it recompiles and keeping it does not.
+
+    **Arguments:**
+
+    - `fun`: the function, method or callable Module to compile.
+    - `donate`: `"all"` donates every array input's buffer; `"none"` (default) none.
+
+    **Returns:**
+
+    The compiled function (an `equinox.Module`, so a pytree that binds as a method).
+
+    !!! example
+
+        ```python
+        import equinox as eqx, jax, jax.numpy as jnp, eqpar
+
+        model = eqx.nn.MLP(4, 2, 16, 2, key=jax.random.key(0))
+        forward = eqpar.filter_jit(lambda m, x: eqpar.filter_vmap(m)(x))
+        assert forward(model, jnp.ones((8, 4))).shape == (8, 2)
+        ```
+    """
+    return decorator_or_call(
+        fun, lambda f: transformed(f, Compiled(_jit_run, donate=donate))
+    )

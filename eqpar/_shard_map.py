@@ -1,0 +1,281 @@
+"""`filter_shard_map`: `jax.shard_map` over filtered pytrees, compiled and cached."""
+
+import functools as ft
+import math
+from collections.abc import Callable, Hashable, Set
+from typing import Any, overload
+
+import jax
+import jax.tree_util as jtu
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jaxtyping import PyTree
+
+from ._dispatch import Compiled, decorator_or_call, transformed
+from ._errors import AxisSizeError, MeshError, SpecError
+from ._specs import (
+    REQUIRED,
+    is_array,
+    leaf_names,
+    merge_leaves,
+    resolve_call_specs,
+    resolve_out_specs,
+    split_leaves,
+)
+
+
+SpecLeaf = P | None | Callable[[Any], P | None]
+AnyMesh = Mesh | AbstractMesh
+
+
+def _as_pspec(spec: Any, where: Callable[[], str], what: str) -> P:
+    if spec is None:
+        return P()
+    if isinstance(spec, P):
+        return spec
+    raise SpecError(
+        f"{what} resolved to {spec!r} for {where()}; a shard_map spec must be a "
+        "`jax.sharding.PartitionSpec` (or None, meaning P(): replicated)."
+    )
+
+
+def _spec_axes(spec: P) -> list[str]:
+    names = []
+    for entry in spec:
+        if entry is None:
+            continue
+        names.extend(entry if isinstance(entry, tuple) else (entry,))
+    return names
+
+
+def check_spec(spec: P, mesh: AnyMesh, where: Callable[[], str], what: str) -> None:
+    """Raises eqpar errors for a spec naming an axis the mesh lacks."""
+    unknown = [a for a in _spec_axes(spec) if a not in mesh.axis_names]
+    if unknown:
+        raise MeshError(
+            f"{what} gives {spec} for {where()}, which names mesh axes {unknown} that "
+            f"the mesh does not have; its axes are {tuple(mesh.axis_names)} (sizes "
+            f"{dict(mesh.shape)})."
+        )
+
+
+def check_divides(
+    spec: P, shape: tuple[int, ...], mesh: AnyMesh, where: Callable[[], str], what: str
+) -> None:
+    """Raises eqpar errors for a spec that does not fit an array of `shape`."""
+    if len(spec) > len(shape):
+        raise SpecError(
+            f"{what} gives {spec} ({len(spec)} dimensions) for {where()}, which has "
+            f"shape {shape} (rank {len(shape)}). A spec may not be longer than the "
+            "array's rank."
+        )
+    for dim, entry in enumerate(spec):
+        if entry is None:
+            continue
+        axes = entry if isinstance(entry, tuple) else (entry,)
+        devices = math.prod(mesh.shape[a] for a in axes)
+        if shape[dim] % devices:
+            raise AxisSizeError(
+                f"{where()} has size {shape[dim]} along dimension {dim}, which {what} "
+                f"({spec}) splits over mesh axes {axes} of {devices} devices; "
+                f"{shape[dim]} is not a multiple of {devices}. Pad it to a multiple "
+                f"of {devices} (e.g. `eqpar.pad_batch`, which also returns the "
+                "number of real rows) and ignore the padded rows, or let "
+                "`eqpar.Parallel` pad and trim for you."
+            )
+
+
+def _has_explicit(mesh: AnyMesh) -> bool:
+    return any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def _shard_map_run(
+    in_specs: Any,
+    out_specs: Any,
+    axis_names: frozenset[Hashable],
+    check_vma: bool,
+    fun: Any,
+    args: tuple,
+    kwargs: dict,
+    mesh: AnyMesh,
+) -> tuple[Any, list[NamedSharding] | None]:
+    leaves, treedef = jtu.tree_flatten((fun, args, kwargs))
+    raw = resolve_call_specs(
+        in_specs, fun, args, kwargs, default=REQUIRED, what="in_specs"
+    )
+    names = ft.cache(lambda: leaf_names(fun, args, kwargs))
+    arrays, signature = split_leaves(leaves)
+    specs = []
+    for i, (leaf, spec) in enumerate(zip(leaves, raw)):
+        if not is_array(leaf):
+            continue
+        where = lambda i=i: names()[i]  # noqa: E731
+        spec = _as_pspec(spec, where, "in_specs")
+        check_spec(spec, mesh, where, "in_specs")
+        check_divides(spec, tuple(leaf.shape), mesh, where, "in_specs")
+        specs.append(spec)
+
+    if _has_explicit(mesh):
+        # Explicit mesh axes make sharding part of the type: shard_map refuses an
+        # input whose type does not already carry its spec. Reshard inside the jit.
+        arrays = [
+            x if _same_spec(jax.typeof(x).sharding.spec, s, x.ndim)
+            else jax.sharding.reshard(x, _sharding(mesh, s))
+            for x, s in zip(arrays, specs)
+        ]
+
+    out_flat: list[Any] = []  # filled while JAX traces `body` (see filter_pmap)
+    structure: list[Any] = []
+
+    def body(*values: Any) -> list[Any]:
+        f, a, k = jtu.tree_unflatten(treedef, merge_leaves(signature, values))
+        out = f(*a, **k)
+        out_leaves, out_def = jtu.tree_flatten(out)
+        out_raw = resolve_out_specs(out_specs, out, "out_specs")
+        out_arrays, out_signature = split_leaves(out_leaves)
+        out_names = ft.cache(
+            lambda: [f"the output at {jtu.keystr(p) or '(root)'}"
+                     for p, _ in jtu.tree_flatten_with_path(out)[0]]
+        )
+        specs_out = []
+        for j, (leaf, spec) in enumerate(zip(out_leaves, out_raw)):
+            if not is_array(leaf):
+                continue
+            where = lambda j=j: out_names()[j]  # noqa: E731
+            spec = _as_pspec(spec, where, "out_specs")
+            check_spec(spec, mesh, where, "out_specs")
+            if len(spec) > leaf.ndim:
+                raise SpecError(
+                    f"out_specs gives {spec} for {where()}, which has rank "
+                    f"{leaf.ndim} per shard: a spec may not be longer than the rank."
+                )
+            specs_out.append(spec)
+        out_flat[:] = specs_out
+        structure[:] = [out_def, out_signature]
+        return out_arrays
+
+    outs = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=tuple(specs),
+        out_specs=out_flat,
+        axis_names=set(axis_names),
+        check_vma=check_vma,
+    )(*arrays)
+    out_def, out_signature = structure
+    out = jtu.tree_unflatten(out_def, merge_leaves(out_signature, outs))
+    shardings = (
+        [NamedSharding(mesh, s) for s in specs] if isinstance(mesh, Mesh) else None
+    )
+    return out, shardings
+
+
+def _sharding(mesh: AnyMesh, spec: P) -> Any:
+    return NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec
+
+
+def _same_spec(a: P, b: P, ndim: int) -> bool:
+    pad = lambda s: tuple(s) + (None,) * (ndim - len(s))  # noqa: E731
+    return pad(a) == pad(b)
+
+
+def _fixed_mesh(mesh: AnyMesh) -> Callable[[], AnyMesh]:
+    return lambda: mesh
+
+
+def _context_mesh() -> AnyMesh:
+    try:
+        mesh: AnyMesh = jax.sharding.get_mesh()
+    except ValueError:  # under a trace only the abstract mesh is available
+        mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        raise MeshError(
+            "filter_shard_map was given `mesh=None` and no mesh is set. Pass "
+            "`mesh=...`, or set one for the enclosing code with "
+            "`with jax.set_mesh(mesh):` (e.g. `mesh = jax.make_mesh((n,), "
+            "('data',))`)."
+        )
+    return mesh
+
+
+@overload
+def filter_shard_map(
+    fun: None = None,
+    *,
+    in_specs: PyTree[SpecLeaf],
+    out_specs: PyTree[SpecLeaf],
+    mesh: AnyMesh | None = None,
+    axis_names: Set[Hashable] | None = None,
+    check_vma: bool = True,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]: ...
+
+
+@overload
+def filter_shard_map(
+    fun: Callable[..., Any],
+    *,
+    in_specs: PyTree[SpecLeaf],
+    out_specs: PyTree[SpecLeaf],
+    mesh: AnyMesh | None = None,
+    axis_names: Set[Hashable] | None = None,
+    check_vma: bool = True,
+) -> Callable[..., Any]: ...
+
+
+def filter_shard_map(
+    fun: Callable[..., Any] | None = None,
+    *,
+    in_specs: PyTree[SpecLeaf],
+    out_specs: PyTree[SpecLeaf],
+    mesh: AnyMesh | None = None,
+    axis_names: Set[Hashable] | None = None,
+    check_vma: bool = True,
+) -> Any:
+    """`jax.shard_map` for pytrees with non-array leaves: array leaves are split over
+    the mesh by their spec and `fun` sees each device's block; every other leaf is
+    static. Compiled (`jax.jit`) and cached per signature.
+
+    **Arguments:**
+
+    - `fun`: the per-device function (plain function, method, or callable Module;
+        a Module's own arrays are replicated).
+    - `in_specs`: a pytree prefix of the arguments with `PartitionSpec` leaves (or
+        `None`, meaning `P()`, or callables `leaf -> PartitionSpec`): one spec for
+        all arguments, a tuple with one entry per positional argument, or a dict
+        keyed by parameter name (required for keyword arguments).
+    - `out_specs`: a pytree prefix of the output, with the same kinds of leaves.
+        Non-array outputs come back as they are.
+    - `mesh`: the mesh; `None` uses the context mesh (`with jax.set_mesh(mesh):`),
+        looked up at each call. Auto and Explicit axes both work.
+    - `axis_names`: the mesh axes `fun` is manual over (default: all of them).
+    - `check_vma`: JAX's replication typing (on by default): values know which mesh
+        axes they vary over, so an `out_specs` that claims replication is checked,
+        and gradients of replicated inputs come back already summed over the axes.
+
+    **Returns:**
+
+    The sharded function. Inputs that are not yet placed as their specs ask are
+    placed for you; outputs are `jax.Array`s sharded as `out_specs` say.
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, eqpar
+        from jax.sharding import PartitionSpec as P
+
+        mesh = jax.make_mesh((jax.device_count(),), ("data",))
+
+        @eqpar.filter_shard_map(mesh=mesh, in_specs=P("data"), out_specs=P())
+        def total(x):
+            return eqpar.psum(x.sum(), "data")
+
+        assert total(jnp.ones(8 * jax.device_count())) == 8 * jax.device_count()
+        ```
+    """
+    names = frozenset() if axis_names is None else frozenset(axis_names)
+    if mesh is not None and not isinstance(mesh, (Mesh, AbstractMesh)):
+        raise MeshError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh)}.")
+    context = _context_mesh if mesh is None else _fixed_mesh(mesh)
+    run = ft.partial(_shard_map_run, in_specs, out_specs, names, check_vma)
+    return decorator_or_call(
+        fun, lambda f: transformed(f, Compiled(run, context_fn=context))
+    )

@@ -1,0 +1,293 @@
+"""Partitioning and per-leaf specs: the half of eqpar's one mechanism that decides,
+for every leaf of a call, whether it is an array (dynamic) or not (static), and which
+spec (a vmap axis, a `PartitionSpec`) it gets.
+
+A call `fun(*args, **kwargs)` is always handled as the single pytree
+`(fun, args, kwargs)`: the function's own arrays (a Module used as the function,
+a bound method's `self`) travel as inputs like any other, never as baked-in constants.
+
+Specs are pytree prefixes. A spec leaf is `None`, an `int`, a `PartitionSpec`, or a
+callable `leaf -> spec` evaluated on every leaf below it. A spec for the whole call
+is either one spec for every argument, a tuple/list with one entry per positional
+argument, or a dict keyed by parameter name (which is how keyword arguments get
+theirs). Resolution runs while tracing, on tracers, so a callable spec may look at a
+leaf's shape or dtype, and the compiled cache keys on shapes for free.
+"""
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.tree_util as jtu
+import numpy as np
+
+from ._errors import AxisSizeError, SpecError
+
+
+# ----------------------------------------------------------------------------------
+# Array or not
+
+_ARRAY_TYPES: set[type] = set()
+_STATIC_TYPES: set[type] = set()
+
+
+def is_array(x: Any) -> bool:
+    """Whether `x` is an array leaf (a JAX array or tracer, or a NumPy array/scalar).
+
+    Same answer as `equinox.is_array`, memoised on the type: this runs for every leaf
+    of every call, so it must cost a set lookup, not an `isinstance` against an ABC.
+    """
+    t = type(x)
+    if t in _ARRAY_TYPES:
+        return True
+    if t in _STATIC_TYPES:
+        return False
+    answer = isinstance(x, (jax.Array, np.ndarray, np.generic))
+    (_ARRAY_TYPES if answer else _STATIC_TYPES).add(t)
+    return answer
+
+
+class _DynamicMarker:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<array>"
+
+
+DYNAMIC = _DynamicMarker()
+"""Stands in for an array leaf in a call signature."""
+
+
+def split_leaves(leaves: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """Splits flat leaves into `(arrays, signature)`: `signature` is `leaves` with
+    every array replaced by `DYNAMIC`."""
+    arrays = []
+    signature = []
+    for leaf in leaves:
+        t = type(leaf)
+        if t in _ARRAY_TYPES or (t not in _STATIC_TYPES and is_array(leaf)):
+            arrays.append(leaf)
+            signature.append(DYNAMIC)
+        else:
+            signature.append(leaf)
+    return arrays, signature
+
+
+def merge_leaves(signature: Sequence[Any], arrays: Sequence[Any]) -> list[Any]:
+    """Inverse of `split_leaves`."""
+    it = iter(arrays)
+    return [next(it) if s is DYNAMIC else s for s in signature]
+
+
+# ----------------------------------------------------------------------------------
+# Naming arguments and leaves, for error messages
+
+
+def _positional_names(fun: Callable, n: int) -> list[str]:
+    try:
+        params = list(inspect.signature(fun).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    names = []
+    for i in range(n):
+        if i < len(params) and params[i].kind in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            names.append(params[i].name)
+        else:
+            names.append(f"args[{i}]")
+    return names
+
+
+def leaf_names(fun: Any, args: tuple, kwargs: dict) -> list[str]:
+    """A readable name for every leaf of `(fun, args, kwargs)`, in flatten order:
+    e.g. ``argument `model` at .layers[0].weight``."""
+    names = []
+    for path, _ in jtu.tree_flatten_with_path(fun)[0]:
+        names.append(f"the function's own leaf at {jtu.keystr(path) or '(root)'}")
+    arg_names = _positional_names(fun, len(args))
+    for name, arg in zip(arg_names, args):
+        for path, _ in jtu.tree_flatten_with_path(arg)[0]:
+            names.append(f"argument `{name}` at {jtu.keystr(path) or '(root)'}")
+    for name in sorted(kwargs):
+        for path, _ in jtu.tree_flatten_with_path(kwargs[name])[0]:
+            names.append(f"argument `{name}` at {jtu.keystr(path) or '(root)'}")
+    return names
+
+
+# ----------------------------------------------------------------------------------
+# Resolving specs
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _describe_structure(tree: Any) -> str:
+    text = str(jtu.tree_structure(tree))
+    return text if len(text) < 400 else text[:400] + "..."
+
+
+def _broadcast(
+    prefix: Any, tree: Any, name: str, what: str
+) -> list[Any]:
+    """Per-leaf spec leaves for `tree`, from the spec `prefix` (callables applied to
+    array leaves; non-array leaves get `None`)."""
+    spec_leaves, spec_def = jtu.tree_flatten(prefix, is_leaf=_is_none)
+    try:
+        subtrees = spec_def.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+        raise SpecError(
+            f"The {what} given for argument `{name}` is not a pytree prefix of that "
+            f"argument. The spec is {prefix!r} with structure {spec_def}; the "
+            f"argument has structure {_describe_structure(tree)}. Give one spec for "
+            "the whole argument, or a tree that matches the argument's structure "
+            f"down to where the specs start. (JAX said: {e})"
+        ) from None
+    out = []
+    for spec, sub in zip(spec_leaves, subtrees):
+        for leaf in jtu.tree_leaves(sub):
+            if not is_array(leaf):
+                out.append(None)
+            elif callable(spec):
+                out.append(spec(leaf))
+            else:
+                out.append(spec)
+    return out
+
+
+def resolve_call_specs(
+    spec: Any,
+    fun: Any,
+    args: tuple,
+    kwargs: dict,
+    *,
+    default: Any,
+    what: str,
+) -> list[Any]:
+    """One resolved spec per leaf of `(fun, args, kwargs)` in flatten order.
+
+    Non-array leaves and the function's own leaves get `None` (static, resp.
+    broadcast). `default` is the spec of an argument a dict spec does not mention;
+    `default=REQUIRED` makes that an error.
+    """
+    target = fun
+    pos_names = _positional_names(target, len(args))
+    if isinstance(spec, dict):
+        known = _parameter_names(target)
+        unknown = [k for k in spec if known is not None and k not in known]
+        if unknown:
+            raise SpecError(
+                f"{what} names {unknown}, which are not parameters of "
+                f"{_fun_name(target)}; its parameters are {sorted(known or ())}."
+            )
+        arg_specs = [spec.get(n, default) for n in pos_names]
+        kw_specs = {k: spec.get(k, default) for k in kwargs}
+    elif isinstance(spec, (tuple, list)):
+        if len(spec) != len(args):
+            raise SpecError(
+                f"{what} has {len(spec)} entries but {_fun_name(target)} was called "
+                f"with {len(args)} positional arguments. Give one entry per "
+                "positional argument, or a dict keyed by parameter name."
+            )
+        arg_specs = list(spec)
+        kw_specs = {k: default for k in kwargs}
+    else:
+        arg_specs = [spec] * len(args)
+        kw_specs = {k: spec for k in kwargs}
+
+    for name, s in zip(pos_names, arg_specs):
+        _check_given(s, name, what)
+    for name, s in kw_specs.items():
+        _check_given(s, name, what)
+
+    resolved: list[Any] = [None] * len(jtu.tree_leaves(fun))
+    for name, s, arg in zip(pos_names, arg_specs, args):
+        resolved += _broadcast(s, arg, name, what)
+    for name in sorted(kwargs):
+        resolved += _broadcast(kw_specs[name], kwargs[name], name, what)
+    return resolved
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+def _check_given(spec: Any, name: str, what: str) -> None:
+    if spec is REQUIRED:
+        raise SpecError(
+            f"Argument `{name}` has no spec in {what}. Give {what} as a dict keyed "
+            "by parameter name (which also covers keyword arguments), e.g. "
+            f"`{what}=dict({name}=P())`."
+        )
+
+
+def _parameter_names(fun: Callable) -> set[str] | None:
+    try:
+        params = inspect.signature(fun).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+def _fun_name(fun: Callable) -> str:
+    return f"`{getattr(fun, '__qualname__', None) or type(fun).__name__}`"
+
+
+def resolve_out_specs(spec: Any, out: Any, what: str) -> list[Any]:
+    """One resolved spec per leaf of the output `out`."""
+    return _broadcast(spec, out, "(the output)", what)
+
+
+# ----------------------------------------------------------------------------------
+# Mapped axes (vmap and pmap)
+
+
+def check_int_axes(
+    axes: Sequence[Any], leaves: Sequence[Any], names: Callable[[], list[str]], what: str
+) -> int | None:
+    """Validates int/None axes against array leaves and returns the common mapped size
+    (`None` when nothing is mapped).
+
+    `names` is called only to build an error message.
+    """
+    sizes: list[tuple[int, int, int]] = []  # (leaf index, axis, size)
+    for i, (axis, leaf) in enumerate(zip(axes, leaves)):
+        if axis is None:
+            continue
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise SpecError(
+                f"{what} resolved to {axis!r} for {names()[i]}; a vmap/pmap axis "
+                "must be an int or None."
+            )
+        ndim = np.ndim(leaf)
+        if not -ndim <= axis < ndim:
+            raise SpecError(
+                f"{what} asks to map axis {axis} of {names()[i]}, which has shape "
+                f"{tuple(np.shape(leaf))} (rank {ndim}). Map an axis that exists, or "
+                "use None to broadcast this leaf."
+            )
+        sizes.append((i, axis, np.shape(leaf)[axis]))
+    if not sizes:
+        return None
+    distinct = {s for _, _, s in sizes}
+    if len(distinct) > 1:
+        all_names = names()
+        lines = "\n".join(
+            f"  - {all_names[i]}: size {s} along axis {a}" for i, a, s in sizes
+        )
+        raise AxisSizeError(
+            f"The mapped axes disagree on their size (sizes seen: "
+            f"{sorted(distinct)}). Every mapped leaf must have the same size along "
+            f"its mapped axis:\n{lines}\nFix the shapes, or broadcast a leaf with "
+            "`None` in its spec."
+        )
+    return sizes[0][2]
