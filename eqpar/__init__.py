@@ -1,13 +1,29 @@
 """eqpar: filtered parallel transforms and pytree-aware collectives for Equinox."""
 
+from ._collectives import (
+    all_gather as all_gather,
+    axis_size as axis_size,
+    grad_mean as grad_mean,
+    halo_exchange as halo_exchange,
+    pmax as pmax,
+    pmean as pmean,
+    pmin as pmin,
+    psum as psum,
+    psum_scatter as psum_scatter,
+    ring_shift as ring_shift,
+    sensor_sum as sensor_sum,
+    varying_axes as varying_axes,
+)
 from ._errors import (
     AxisSizeError as AxisSizeError,
     EqparError as EqparError,
     MeshError as MeshError,
+    ReplicationError as ReplicationError,
     SpecError as SpecError,
     UnboundAxisError as UnboundAxisError,
 )
 from ._jit import filter_jit as filter_jit
+from ._optax import pmean_updates as pmean_updates
 from ._pmap import filter_pmap as filter_pmap
 from ._shard_map import filter_shard_map as filter_shard_map
 from ._vmap import filter_vmap as filter_vmap

@@ -26,5 +26,10 @@ class MeshError(EqparError, ValueError):
     """No mesh to run on, or a spec names an axis that the mesh does not have."""
 
 
+class ReplicationError(EqparError, ValueError):
+    """A value's replication type (`check_vma`) rules out what was asked, e.g. an
+    example-weighted mean of a gradient that autodiff has already summed."""
+
+
 class UnboundAxisError(EqparError, NameError):
     """A collective named an axis that no enclosing transform binds."""

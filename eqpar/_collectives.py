@@ -1,0 +1,371 @@
+"""Pytree-aware collectives that mean the same under every transform binding an axis.
+
+Each acts on the array leaves of any pytree and returns the other leaves (static
+Module fields, `None`, Python objects) untouched. They work under
+`filter_vmap(axis_name=...)`, `filter_pmap(axis_name=...)` and `filter_shard_map`
+(whose mesh axes are bound), and raise `UnboundAxisError` anywhere else.
+
+Replication typing (`check_vma=True` in `shard_map`): an invariant value (one that is
+the same on every device, e.g. a `P()` input) is cast to varying before a collective
+that needs a varying operand, so every collective accepts any operand, now and when
+JAX stops casting implicitly. `psum` of an invariant value is `size * value`, exactly
+as under `vmap`.
+"""
+
+import math
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, ArrayLike, PyTree
+
+from ._errors import AxisSizeError, ReplicationError, SpecError, UnboundAxisError
+from ._specs import is_array
+
+
+AxisName = Hashable | tuple[Hashable, ...]
+
+
+def _names(axis_name: AxisName) -> tuple[Hashable, ...]:
+    return tuple(axis_name) if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def axis_size(axis_name: AxisName) -> int:
+    """The size of a bound axis (the product of sizes for a tuple of names).
+
+    Raises `eqpar.UnboundAxisError` if no enclosing transform binds the name.
+    """
+    try:
+        return jax.lax.axis_size(axis_name)
+    except NameError:
+        bound = []
+        for name in _names(axis_name):
+            try:
+                jax.lax.axis_size(name)
+                bound.append(name)
+            except NameError:
+                pass
+        missing = [n for n in _names(axis_name) if n not in bound]
+        raise UnboundAxisError(
+            f"Axis name {missing[0]!r} is not bound here"
+            + (f" (of {axis_name!r})" if isinstance(axis_name, tuple) else "")
+            + ". A collective needs an enclosing transform that binds the name: "
+            "`eqpar.filter_vmap(..., axis_name=...)`, `eqpar.filter_pmap(..., "
+            "axis_name=...)`, or `eqpar.filter_shard_map` (which binds the names of "
+            "its mesh's axes). `jax.set_mesh` alone does not bind axis names."
+        ) from None
+
+
+def _manual(axis_name: AxisName) -> tuple[Hashable, ...]:
+    """The names among `axis_name` that are manual `shard_map` axes here."""
+    manual = jax.sharding.get_abstract_mesh().manual_axes
+    return tuple(n for n in _names(axis_name) if n in manual)
+
+
+def _checked(axes: tuple[Hashable, ...]) -> bool:
+    """Whether replication typing is on for these manual axes (`check_vma=True`).
+
+    `axis_index` always varies over its axis when typing is on, and never carries a
+    type when it is off: a probe that needs nothing private.
+    """
+    if not axes:
+        return False
+    varying = jax.typeof(jax.lax.axis_index(axes[0])).manual_axis_type.varying
+    return axes[0] in varying
+
+
+def varying_axes(x: Any) -> frozenset[Hashable]:
+    """The manual mesh axes over which `x` may differ between devices (its VMA type).
+
+    Empty for values that carry no type: outside `shard_map`, under `vmap`, or with
+    `check_vma=False`.
+    """
+    return jax.typeof(x).manual_axis_type.varying
+
+
+def _to_varying(x: Any, axes: tuple[Hashable, ...]) -> Any:
+    missing = tuple(a for a in axes if a not in varying_axes(x))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _map_arrays(fn: Callable[[Any], Any], tree: Any) -> Any:
+    return jtu.tree_map(lambda x: fn(x) if is_array(x) else x, tree)
+
+
+def _collective(
+    op: Callable[..., Any], tree: Any, axis_name: AxisName, **kwargs: Any
+) -> Any:
+    axis_size(axis_name)
+    manual = _manual(axis_name)
+    cast = _checked(manual)
+
+    def apply(x: Any) -> Any:
+        x = jnp.asarray(x)
+        if cast:
+            x = _to_varying(x, manual)
+        return op(x, axis_name, **kwargs)
+
+    return _map_arrays(apply, tree)
+
+
+def psum(tree: PyTree, axis_name: AxisName) -> PyTree:
+    """Sum of every array leaf over the devices (or elements) of `axis_name`.
+
+    **Arguments:**
+
+    - `tree`: any pytree; non-array leaves pass through.
+    - `axis_name`: a bound axis name, or a tuple of names (e.g. `("data", "model")`).
+
+    **Returns:**
+
+    The same structure, each array leaf replaced by its sum over the axis (the same
+    on every device).
+    """
+    return _collective(jax.lax.psum, tree, axis_name)
+
+
+def pmean(tree: PyTree, axis_name: AxisName) -> PyTree:
+    """Mean of every array leaf over `axis_name`. Arguments as [`eqpar.psum`][]."""
+    return _collective(jax.lax.pmean, tree, axis_name)
+
+
+def pmax(tree: PyTree, axis_name: AxisName) -> PyTree:
+    """Elementwise maximum of every array leaf over `axis_name`."""
+    return _collective(jax.lax.pmax, tree, axis_name)
+
+
+def pmin(tree: PyTree, axis_name: AxisName) -> PyTree:
+    """Elementwise minimum of every array leaf over `axis_name`."""
+    return _collective(jax.lax.pmin, tree, axis_name)
+
+
+def all_gather(
+    tree: PyTree, axis_name: AxisName, *, axis: int = 0, tiled: bool = False
+) -> PyTree:
+    """Every device's value of each array leaf, on every device.
+
+    **Arguments:**
+
+    - `tree`, `axis_name`: as [`eqpar.psum`][].
+    - `axis`: where the gathered axis goes in each result.
+    - `tiled`: `False` stacks (a new axis of the axis size); `True` concatenates along
+        the existing `axis`.
+    """
+    return _collective(jax.lax.all_gather, tree, axis_name, axis=axis, tiled=tiled)
+
+
+def psum_scatter(
+    tree: PyTree,
+    axis_name: AxisName,
+    *,
+    scatter_dimension: int = 0,
+    tiled: bool = False,
+) -> PyTree:
+    """Sum over `axis_name`, each device keeping its own slice of the result along
+    `scatter_dimension` (a reduce-scatter).
+
+    With `tiled=False` that dimension must equal the axis size and is removed; with
+    `tiled=True` it must be a multiple of it and is divided by it.
+    """
+    return _collective(
+        jax.lax.psum_scatter,
+        tree,
+        axis_name,
+        scatter_dimension=scatter_dimension,
+        tiled=tiled,
+    )
+
+
+def sensor_sum(
+    x: PyTree, *, axis: int = 0, axis_name: AxisName | None = None
+) -> PyTree:
+    """A camera's sum: add the local planes along `axis`, then add across devices, so
+    every device holds the identical full image.
+
+    This is Chromatix's sensor (`reduce_axis` + `reduce_parallel_axis_name`): depth
+    planes split across devices are imaged locally and summed once.
+
+    **Arguments:**
+
+    - `x`: an array (or pytree of arrays) with a plane axis.
+    - `axis`: the local plane axis to sum.
+    - `axis_name`: the device axis the planes are split over; `None` sums locally
+        only.
+
+    **Returns:**
+
+    `x` summed over `axis` (and over `axis_name`).
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, eqpar
+        from jax.sharding import PartitionSpec as P
+
+        mesh = jax.make_mesh((jax.device_count(),), ("planes",))
+        planes = jnp.ones((8 * jax.device_count(), 4, 4))
+        image = eqpar.filter_shard_map(
+            lambda p: eqpar.sensor_sum(p, axis_name="planes"),
+            mesh=mesh, in_specs=P("planes"), out_specs=P(),
+        )(planes)
+        assert (image == 8 * jax.device_count()).all()
+        ```
+    """
+    local = _map_arrays(lambda leaf: jnp.sum(leaf, axis=axis), x)
+    return local if axis_name is None else psum(local, axis_name)
+
+
+def grad_mean(
+    grads: PyTree, axis_name: AxisName, *, count: ArrayLike | None = None
+) -> PyTree:
+    """The mean gradient across devices, correct under every transform.
+
+    Averages the inexact-array leaves of `grads` (e.g. from `eqx.filter_grad`);
+    other leaves pass through. It reads each leaf's replication type, so a gradient
+    that autodiff has already summed over the axis (a replicated `P()` parameter in
+    `filter_shard_map` with `check_vma=True`) is divided by the device count instead
+    of being averaged again as if it were per device.
+
+    **Arguments:**
+
+    - `grads`: the local gradient pytree; each device's gradient should be the mean
+        over its own examples.
+    - `axis_name`: the data-parallel axis (or a tuple of axes).
+    - `count`: the number of real examples on this device. With it the result is the
+        exact example-weighted mean `sum_d count_d * g_d / sum_d count_d`, so a padded
+        or uneven batch gives the single-device gradient of the real examples. A
+        device with `count == 0` contributes nothing (even if its gradient is NaN).
+
+    **Returns:**
+
+    The averaged gradients, identical on every device.
+
+    !!! warning
+
+        With `count`, every leaf must still be per device. A gradient that autodiff
+        already summed cannot be re-weighted and raises `eqpar.ReplicationError`:
+        differentiate with respect to parameters marked varying
+        (`jax.lax.pcast(params, axis_name, to="varying")`), or normalise the loss by
+        the global count (`psum(count)`) and use `psum` of the gradient.
+    """
+    axis_size(axis_name)
+    manual = _manual(axis_name)
+    checked = _checked(manual)
+    names = _names(axis_name)
+    weight = None
+    if count is not None:
+        count_arr = jnp.asarray(count, dtype=jnp.float32)
+        if checked:
+            count_arr = _to_varying(count_arr, manual)
+        total = jax.lax.psum(count_arr, axis_name)
+        weight = (count_arr, total)
+
+    def mean(g: Any) -> Any:
+        if not (is_array(g) and jnp.issubdtype(jnp.result_type(g), jnp.inexact)):
+            return g
+        g = jnp.asarray(g)
+        summed = (
+            tuple(a for a in names if a in manual and a not in varying_axes(g))
+            if checked
+            else ()
+        )
+        per_device = tuple(a for a in names if a not in summed)
+        if weight is not None:
+            if summed:
+                raise ReplicationError(
+                    "grad_mean(count=...) got a gradient leaf of shape "
+                    f"{g.shape} that is already summed over axes {summed} (it is "
+                    "invariant: the gradient of a replicated `P()` input under "
+                    "`check_vma=True`), so the per-device gradients needed for an "
+                    "example-weighted mean are gone. Either differentiate with "
+                    "respect to parameters marked varying, "
+                    f"`jax.lax.pcast(params, {axis_name!r}, to='varying')`, or "
+                    "normalise the loss by the global example count "
+                    f"(`eqpar.psum(count, {axis_name!r})`) so that the summed "
+                    "gradient already is the mean, and drop `count`."
+                )
+            count_arr, total = weight
+            local = jnp.where(count_arr > 0, g, jnp.zeros_like(g))
+            if checked:
+                local = _to_varying(local, manual)
+            return (jax.lax.psum(local * count_arr.astype(g.dtype), axis_name)
+                    / total.astype(g.dtype))
+        if summed:
+            g = g / math.prod(jax.lax.axis_size(a) for a in summed)
+        if per_device:
+            g = jax.lax.pmean(g, per_device)
+        return g
+
+    return jtu.tree_map(mean, grads)
+
+
+def ring_shift(tree: PyTree, axis_name: AxisName, *, shift: int = 1) -> PyTree:
+    """Sends each device's array leaves `shift` steps along the ring of `axis_name`:
+    device `i` receives what device `i - shift` held (indices modulo the axis size).
+
+    The building block of ring algorithms in `shard_map` kernels (e.g. a ring
+    all-gather matmul: multiply the local block, pass it on, repeat).
+    """
+    n = axis_size(axis_name)
+    perm = [(i, (i + shift) % n) for i in range(n)]
+    return _collective(jax.lax.ppermute, tree, axis_name, perm=perm)
+
+
+def halo_exchange(
+    x: Array,
+    axis_name: AxisName,
+    *,
+    width: int,
+    axis: int = 0,
+    periodic: bool = False,
+) -> Array:
+    """Extends each device's block of a sharded array by `width` entries from each
+    neighbour along `axis`, for stencils and convolutions over sharded data.
+
+    **Arguments:**
+
+    - `x`: this device's block, sharded along `axis` over `axis_name`.
+    - `axis_name`: the mesh axis the blocks are split over (device `i` holds the
+        `i`-th block).
+    - `width`: how many entries to take from each neighbour (at most the block's
+        size along `axis`).
+    - `axis`: the sharded array axis.
+    - `periodic`: wrap around at the ends; otherwise the outer halos of the first and
+        last blocks are zeros (zero padding).
+
+    **Returns:**
+
+    The block with `width` entries prepended (from the previous device) and appended
+    (from the next), so its size along `axis` grows by `2 * width`.
+    """
+    x = jnp.asarray(x)
+    if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+        raise SpecError(f"`width` must be a non-negative int, got {width!r}.")
+    if not -x.ndim <= axis < x.ndim:
+        raise SpecError(
+            f"halo_exchange got axis={axis} for a block of shape {x.shape} (rank "
+            f"{x.ndim}); the axis must exist."
+        )
+    axis %= x.ndim
+    if width > x.shape[axis]:
+        raise AxisSizeError(
+            f"halo_exchange got width={width} but the local block has only "
+            f"{x.shape[axis]} entries along axis {axis} (block shape {x.shape}): a "
+            "halo can only come from the immediate neighbour. Use fewer devices, a "
+            "larger array, or a smaller width."
+        )
+    n = axis_size(axis_name)
+    if width == 0:
+        return x
+    manual = _manual(axis_name)
+    if _checked(manual):  # the result mixes x with neighbours' (varying) rows
+        x = _to_varying(x, manual)
+    last = jax.lax.slice_in_dim(x, x.shape[axis] - width, x.shape[axis], axis=axis)
+    first = jax.lax.slice_in_dim(x, 0, width, axis=axis)
+    right = [(i, i + 1) for i in range(n - 1)] + ([(n - 1, 0)] if periodic else [])
+    left = [(i + 1, i) for i in range(n - 1)] + ([(0, n - 1)] if periodic else [])
+    from_prev = _collective(jax.lax.ppermute, last, axis_name, perm=right)
+    from_next = _collective(jax.lax.ppermute, first, axis_name, perm=left)
+    return jnp.concatenate([from_prev, x, from_next], axis=axis)

@@ -1,0 +1,51 @@
+"""Optax integration: cross-device gradient averaging as a `GradientTransformation`."""
+
+from typing import Any
+
+import optax
+from jaxtyping import ArrayLike, PyTree
+
+from ._collectives import AxisName, grad_mean
+
+
+def pmean_updates(axis_name: AxisName) -> optax.GradientTransformationExtraArgs:
+    """An optax transformation that averages updates across devices with
+    [`eqpar.grad_mean`][]; put it first in an `optax.chain`.
+
+    **Arguments:**
+
+    - `axis_name`: the data-parallel axis (or a tuple of axes).
+
+    **Returns:**
+
+    A `GradientTransformationExtraArgs`: its `update` accepts `count=` (the number of
+    real examples on this device), which `optax.chain` forwards, for the exact
+    example-weighted mean of a padded or uneven batch.
+
+    !!! example
+
+        ```python
+        import optax, eqpar
+
+        optimiser = optax.chain(eqpar.pmean_updates("data"), optax.sgd(1e-2))
+        # inside the per-device step:
+        #   updates, state = optimiser.update(grads, state, params, count=n_real)
+        ```
+    """
+
+    def init(params: PyTree) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update(
+        updates: PyTree,
+        state: optax.EmptyState,
+        params: PyTree | None = None,
+        *,
+        count: ArrayLike | None = None,
+        **extra_args: Any,
+    ) -> tuple[PyTree, optax.EmptyState]:
+        del params, extra_args
+        return grad_mean(updates, axis_name, count=count), state
+
+    return optax.GradientTransformationExtraArgs(init, update)

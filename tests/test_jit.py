@@ -1,0 +1,61 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import eqpar
+
+from .helpers import assert_tree_allclose, TraceCounter
+
+
+def test_filter_jit_module_and_statics(getkey):
+    mlp = eqx.nn.MLP(4, 2, 8, 2, key=getkey())
+    x = jax.random.normal(getkey(), (5, 4))
+    f = eqpar.filter_jit(lambda m, x: eqpar.filter_vmap(m)(x))
+    assert_tree_allclose(f(mlp, x), jax.vmap(mlp)(x))
+
+
+def test_equal_but_different_statics_do_not_share_a_trace():
+    counter = TraceCounter(lambda x, k: (x, type(k).__name__))
+    f = eqpar.filter_jit(counter)
+    x = jnp.arange(3.0)
+    # 1 == 1.0 == True and they hash alike, but each must get its own trace.
+    assert [f(x, k)[1] for k in (1, 1.0, True)] == ["int", "float", "bool"]
+    assert counter.count == 3
+
+
+def test_unhashable_static_leaf_is_keyed_by_identity():
+    class Config:  # unhashable: defines __eq__ without __hash__
+        def __init__(self, k):
+            self.k = k
+
+        def __eq__(self, other):
+            return isinstance(other, Config) and other.k == self.k
+
+    counter = TraceCounter(lambda x, c: x * c.k)
+    f = eqpar.filter_jit(counter)
+    c = Config(3)
+    assert_tree_allclose(f(jnp.ones(2), c), 3 * jnp.ones(2))
+    f(jnp.ones(2), c)
+    assert counter.count == 1
+    assert_tree_allclose(f(jnp.ones(2), Config(5)), 5 * jnp.ones(2))
+
+
+def test_static_outputs_that_depend_on_shapes():
+    f = eqpar.filter_jit(lambda x: (x * 2, x.shape[0]))
+    assert f(jnp.ones(3))[1] == 3
+    assert f(jnp.ones(5))[1] == 5
+    assert f(jnp.ones(3))[1] == 3  # cached trace, its own static output
+
+
+def test_wrapper_is_a_pytree_and_keeps_metadata(getkey):
+    mlp = eqx.nn.MLP(2, 2, 4, 1, key=getkey())
+    wrapped = eqpar.filter_vmap(mlp)
+    assert len(jax.tree.leaves(wrapped)) == len(jax.tree.leaves(mlp))
+
+    def documented(x):
+        """Docs."""
+        return x
+
+    g = eqpar.filter_pmap(documented)
+    assert g.__name__ == "documented" and g.__doc__ == "Docs."
+    assert g.__wrapped__ is documented
