@@ -5,6 +5,7 @@ from ._collectives import (
     axis_size as axis_size,
     grad_mean as grad_mean,
     halo_exchange as halo_exchange,
+    mark_varying as mark_varying,
     pmax as pmax,
     pmean as pmean,
     pmin as pmin,

@@ -90,6 +90,24 @@ def _to_varying(x: Any, axes: tuple[Hashable, ...]) -> Any:
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
+def mark_varying(tree: PyTree, axis_name: AxisName) -> PyTree:
+    """Marks the array leaves of `tree` as varying over `axis_name` (per device).
+
+    Under `filter_shard_map` with `check_vma=True`, differentiating with respect to a
+    replicated (`P()`) input gives a gradient that autodiff has already summed over
+    the axis. Marking the parameters varying first (`jax.lax.pcast(...,
+    to="varying")` on each array leaf, leaving Module static fields alone) keeps
+    each device's gradient its own, e.g. for an example-weighted
+    [`eqpar.grad_mean`][] with `count`. Elsewhere (under `vmap`, `filter_pmap`, or
+    `check_vma=False`) values are per device already and this returns `tree`.
+    """
+    axis_size(axis_name)
+    manual = _manual(axis_name)
+    if not _checked(manual):
+        return tree
+    return _map_arrays(lambda x: _to_varying(jnp.asarray(x), manual), tree)
+
+
 def _map_arrays(fn: Callable[[Any], Any], tree: Any) -> Any:
     return jtu.tree_map(lambda x: fn(x) if is_array(x) else x, tree)
 
@@ -247,8 +265,8 @@ def grad_mean(
         With `count`, every leaf must still be per device. A gradient that autodiff
         already summed cannot be re-weighted and raises `eqpar.ReplicationError`:
         differentiate with respect to parameters marked varying
-        (`jax.lax.pcast(params, axis_name, to="varying")`), or normalise the loss by
-        the global count (`psum(count)`) and use `psum` of the gradient.
+        ([`eqpar.mark_varying`][]), or normalise the loss by the global count
+        (`psum(count)`) and use `psum` of the gradient.
     """
     axis_size(axis_name)
     manual = _manual(axis_name)
@@ -281,7 +299,7 @@ def grad_mean(
                     "`check_vma=True`), so the per-device gradients needed for an "
                     "example-weighted mean are gone. Either differentiate with "
                     "respect to parameters marked varying, "
-                    f"`jax.lax.pcast(params, {axis_name!r}, to='varying')`, or "
+                    f"`eqpar.mark_varying(params, {axis_name!r})`, or "
                     "normalise the loss by the global example count "
                     f"(`eqpar.psum(count, {axis_name!r})`) so that the summed "
                     "gradient already is the mean, and drop `count`."

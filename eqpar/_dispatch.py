@@ -22,13 +22,23 @@ import equinox as eqx
 import jax
 import jax.tree_util as jtu
 
-from ._specs import DYNAMIC, merge_leaves, split_leaves
+from ._specs import (
+    _ARRAY_TYPES,
+    _STATIC_TYPES,
+    DYNAMIC,
+    is_array,
+    merge_leaves,
+    split_leaves,
+)
 
 
 # A backend's run: traced once per signature and shapes. Returns the output pytree
 # and, when it knows them, the shardings its array inputs should have (used to place
 # inputs that `jax.jit` refuses as they are).
 Run = Callable[[Any, tuple, dict, Any], tuple[Any, list[Any] | None]]
+
+
+_flatten = jtu.tree_flatten
 
 
 class _Identity:
@@ -150,8 +160,18 @@ class Compiled:
         self._slow: list[tuple[Any, _Entry]] = []  # signatures that cannot be hashed
 
     def __call__(self, fun: Any, args: tuple, kwargs: dict) -> Any:
-        leaves, treedef = jtu.tree_flatten((fun, args, kwargs))
-        arrays, signature = split_leaves(leaves)
+        # The hot path: one flatten, one pass over the leaves, one dict lookup, one
+        # call of the compiled function. Keep it that way (benchmarks/dispatch.py).
+        leaves, treedef = _flatten((fun, args, kwargs))
+        arrays = []
+        signature = []
+        for leaf in leaves:
+            t = type(leaf)
+            if t in _ARRAY_TYPES or (t not in _STATIC_TYPES and is_array(leaf)):
+                arrays.append(leaf)
+                signature.append(DYNAMIC)
+            else:
+                signature.append(leaf)
         context = None if self._context_fn is None else self._context_fn()
         sig = tuple(signature)
         # Types too: 1, 1.0 and True are equal and hash alike, but trace differently.
@@ -203,6 +223,9 @@ class Compiled:
         return entry
 
 
+_get = object.__getattribute__
+
+
 class Transformed(eqx.Module):
     """A transformed function: a pytree (its function's arrays are leaves) that binds
     as a method and dispatches through its `Compiled` cache."""
@@ -215,7 +238,9 @@ class Transformed(eqx.Module):
         return self._fun
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
-        return self._compiled(self._fun, args, kwargs)
+        # `object.__getattribute__` skips `eqx.Module.__getattribute__` (a Python-level
+        # hook that wraps bound methods): two plain reads on the hot path instead.
+        return _get(self, "_compiled")(_get(self, "_fun"), args, kwargs)
 
     def __get__(self, instance: Any, owner: Any) -> Any:
         del owner
