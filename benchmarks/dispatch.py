@@ -57,10 +57,15 @@ def main(argv: list[str] | None = None) -> str:
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
     params_s = jax.device_put(params, NamedSharding(mesh, P()))
     model_s = eqx.combine(params_s, static)
-    raw_sm = jax.jit(jax.shard_map(pure, mesh=mesh, in_specs=(P(), P("data")),
-                                   out_specs=P("data")))
-    eqpar_sm = eqpar.filter_shard_map(lambda m, x: jax.vmap(m)(x), mesh=mesh,
-                                      in_specs=(P(), P("data")), out_specs=P("data"))
+    raw_sm = jax.jit(
+        jax.shard_map(pure, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
+    )
+    eqpar_sm = eqpar.filter_shard_map(
+        lambda m, x: jax.vmap(m)(x),
+        mesh=mesh,
+        in_specs=(P(), P("data")),
+        out_specs=P("data"),
+    )
 
     # Same answers before timing anything.
     ref = pure(params, x)
@@ -94,14 +99,17 @@ def main(argv: list[str] | None = None) -> str:
     }
     lines = []
     for title, fns in groups.items():
-        samples = interleaved(fns, calls=args.calls, rounds=args.rounds,
-                              block=jax.block_until_ready)
+        samples = interleaved(
+            fns, calls=args.calls, rounds=args.rounds, block=jax.block_until_ready
+        )
         stats = {k: summary(v) for k, v in samples.items()}
         lines.append(f"\n### {title}\n")
         lines.append("| contender | median µs/call | min-max over rounds |")
         lines.append("|---|---:|---|")
         for name, (med, lo, hi) in stats.items():
-            lines.append(f"| {name} | {med * 1e6:.1f} | {lo * 1e6:.1f}-{hi * 1e6:.1f} |")
+            lines.append(
+                f"| {name} | {med * 1e6:.1f} | {lo * 1e6:.1f}-{hi * 1e6:.1f} |"
+            )
         for name, targets in goals.items():
             if name not in stats:
                 continue

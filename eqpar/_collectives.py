@@ -308,8 +308,9 @@ def grad_mean(
             local = jnp.where(count_arr > 0, g, jnp.zeros_like(g))
             if checked:
                 local = _to_varying(local, manual)
-            return (jax.lax.psum(local * count_arr.astype(g.dtype), axis_name)
-                    / total.astype(g.dtype))
+            return jax.lax.psum(
+                local * count_arr.astype(g.dtype), axis_name
+            ) / total.astype(g.dtype)
         if summed:
             g = g / math.prod(jax.lax.axis_size(a) for a in summed)
         if per_device:
@@ -382,8 +383,12 @@ def halo_exchange(
         x = _to_varying(x, manual)
     last = jax.lax.slice_in_dim(x, x.shape[axis] - width, x.shape[axis], axis=axis)
     first = jax.lax.slice_in_dim(x, 0, width, axis=axis)
-    right = [(i, i + 1) for i in range(n - 1)] + ([(n - 1, 0)] if periodic else [])
-    left = [(i + 1, i) for i in range(n - 1)] + ([(0, n - 1)] if periodic else [])
-    from_prev = _collective(jax.lax.ppermute, last, axis_name, perm=right)
-    from_next = _collective(jax.lax.ppermute, first, axis_name, perm=left)
+    # Always a full ring (vmap's ppermute accepts only full permutations); without
+    # `periodic` the halos that wrapped around are zeroed.
+    from_prev = ring_shift(last, axis_name, shift=1)
+    from_next = ring_shift(first, axis_name, shift=-1)
+    if not periodic:
+        index = jax.lax.axis_index(axis_name)
+        from_prev = jnp.where(index == 0, jnp.zeros_like(from_prev), from_prev)
+        from_next = jnp.where(index == n - 1, jnp.zeros_like(from_next), from_next)
     return jnp.concatenate([from_prev, x, from_next], axis=axis)

@@ -37,8 +37,12 @@ class Microscope(eqx.Module):
         fx, fy = jnp.meshgrid(f, f, indexing="ij")
         rho2 = (fx**2 + fy**2) * self.wavelength**2
         inside = rho2 <= self.na**2  # |f| <= NA / wavelength
-        kz = 2 * jnp.pi * self.n / self.wavelength * jnp.sqrt(
-            jnp.clip(1.0 - rho2 / self.n**2, 0.0, None)
+        kz = (
+            2
+            * jnp.pi
+            * self.n
+            / self.wavelength
+            * jnp.sqrt(jnp.clip(1.0 - rho2 / self.n**2, 0.0, None))
         )
         return jnp.where(inside, jnp.exp(1j * (kz * z + self.phase)), 0.0)
 
@@ -69,7 +73,9 @@ def image(
     local planes and, with `axis_name`, over the devices holding the other planes."""
     psfs = jax.vmap(scope.psf)(zs)
     blurred = jnp.real(
-        jnp.fft.ifft2(jnp.fft.fft2(volume) * jnp.fft.fft2(jnp.fft.ifftshift(psfs, axes=(-2, -1))))
+        jnp.fft.ifft2(
+            jnp.fft.fft2(volume) * jnp.fft.fft2(jnp.fft.ifftshift(psfs, axes=(-2, -1)))
+        )
     )
     return eqpar.sensor_sum(blurred, axis=0, axis_name=axis_name)
 
@@ -81,7 +87,7 @@ def loss_fn(
     model: eqx.nn.MLP, x: Float[Array, "b i"], y: Float[Array, "b o"], mask: Any
 ) -> Float[Array, ""]:
     err = jnp.sum((jax.vmap(model)(x) - y) ** 2, axis=-1)
-    count = jnp.maximum(jnp.sum(mask), 1.0)
+    count = jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0)
     return jnp.sum(jnp.where(mask, err, 0.0)) / count
 
 
@@ -108,8 +114,12 @@ class _Bar:
     def update(self, k: int) -> None:
         self.n += k
         done = int(30 * self.n / self.total)
-        print(f"\r  training [{'#' * done}{'.' * (30 - done)}] {self.n}/{self.total} "
-              f"{self.post}", end="", flush=True)
+        print(
+            f"\r  training [{'#' * done}{'.' * (30 - done)}] {self.n}/{self.total} "
+            f"{self.post}",
+            end="",
+            flush=True,
+        )
 
     def set_postfix(self, **kw: str) -> None:
         self.post = " ".join(f"{k}={v}" for k, v in kw.items())
@@ -144,15 +154,19 @@ def _timed(fn: Callable[[], Any], repeat: int = 3) -> tuple[Any, float]:
 
 def run(args: argparse.Namespace) -> int:
     n = jax.device_count()
-    print(f"eqpar demo on {n} {jax.devices()[0].platform.upper()} devices "
-          f"(jax {jax.__version__})\n")
+    print(
+        f"eqpar demo on {n} {jax.devices()[0].platform.upper()} devices "
+        f"(jax {jax.__version__})\n"
+    )
     rows = []
     out_dir = pathlib.Path(args.out)
 
     # 1. microscope --------------------------------------------------------------
     planes = args.planes - args.planes % n or n
-    print(f"[1/2] microscope: {planes} planes of {args.size}x{args.size}, split over "
-          f"{n} devices")
+    print(
+        f"[1/2] microscope: {planes} planes of {args.size}x{args.size}, split over "
+        f"{n} devices"
+    )
     scope = make_microscope(args.size)
     zs = jnp.linspace(-4.0, 4.0, planes)
     key = jax.random.key(0)
@@ -161,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
 
     single_psf = jax.jit(lambda s, z: jax.vmap(s.psf)(z))
     sharded_psf = eqpar.filter_shard_map(
-        lambda s, z: jax.vmap(s.psf)(z), mesh=mesh, in_specs=(P(), P("planes")),
+        lambda s, z: jax.vmap(s.psf)(z),
+        mesh=mesh,
+        in_specs=(P(), P("planes")),
         out_specs=P("planes"),
     )
     psf1, t_psf1 = _timed(lambda: single_psf(scope, zs))
@@ -170,8 +186,10 @@ def run(args: argparse.Namespace) -> int:
 
     single_image = eqpar.filter_jit(image)
     sharded_image = eqpar.filter_shard_map(
-        lambda s, v, z: image(s, v, z, axis_name="planes"), mesh=mesh,
-        in_specs=(P(), P("planes"), P("planes")), out_specs=P(),
+        lambda s, v, z: image(s, v, z, axis_name="planes"),
+        mesh=mesh,
+        in_specs=(P(), P("planes"), P("planes")),
+        out_specs=P(),
     )
     img1, t_img1 = _timed(lambda: single_image(scope, volume, zs))
     imgn, t_imgn = _timed(lambda: sharded_image(scope, volume, zs))
@@ -180,8 +198,10 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. data-parallel training ---------------------------------------------------
     examples = 37
-    print(f"[2/2] data-parallel training: {examples} examples over {n} devices "
-          f"(padded to {math.ceil(examples / n) * n})")
+    print(
+        f"[2/2] data-parallel training: {examples} examples over {n} devices "
+        f"(padded to {math.ceil(examples / n) * n})"
+    )
     kx, km = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (examples, 4))
     y = jnp.stack([jnp.sin(x[:, 0]) + x[:, 1] * x[:, 2], jnp.cos(x[:, 3])], axis=1)
@@ -194,7 +214,9 @@ def run(args: argparse.Namespace) -> int:
 
     @eqpar.filter_jit
     def single_step(model, opt_state):
-        loss, grads = eqx.filter_value_and_grad(loss_fn)(model, x, y, jnp.ones(examples, bool))
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(
+            model, x, y, jnp.ones(examples, bool)
+        )
         updates, opt_state = optimiser.update(grads, opt_state, model)
         return eqx.apply_updates(model, updates), opt_state, loss
 
@@ -209,8 +231,10 @@ def run(args: argparse.Namespace) -> int:
         return eqx.apply_updates(model, updates), opt_state, loss
 
     sharded = eqpar.filter_shard_map(
-        per_device, mesh=jax.make_mesh((n,), ("data",)),
-        in_specs=(P(), P(), P("data"), P("data"), P("data")), out_specs=P(),
+        per_device,
+        mesh=jax.make_mesh((n,), ("data",)),
+        in_specs=(P(), P(), P("data"), P("data"), P("data")),
+        out_specs=P(),
     )
 
     def parallel_step(model, opt_state):
@@ -220,34 +244,45 @@ def run(args: argparse.Namespace) -> int:
     for step in (single_step, parallel_step):  # compile outside the timings
         jax.block_until_ready(step(model0, optimiser.init(params0)))
     t0 = time.perf_counter()
-    model1, losses1 = train(single_step, model0, optimiser.init(params0), args.steps,
-                            progress=False)
+    model1, losses1 = train(
+        single_step, model0, optimiser.init(params0), args.steps, progress=False
+    )
     t_train1 = time.perf_counter() - t0
     t0 = time.perf_counter()
-    modeln, lossesn = train(parallel_step, model0, optimiser.init(params0), args.steps,
-                            progress=True)
+    modeln, lossesn = train(
+        parallel_step, model0, optimiser.init(params0), args.steps, progress=True
+    )
     t_trainn = time.perf_counter() - t0
     diff = max(
         _rel(b, a)
-        for a, b in zip(jax.tree.leaves(eqx.filter(model1, eqx.is_array)),
-                        jax.tree.leaves(eqx.filter(modeln, eqx.is_array)))
+        for a, b in zip(
+            jax.tree.leaves(eqx.filter(model1, eqx.is_array)),
+            jax.tree.leaves(eqx.filter(modeln, eqx.is_array)),
+        )
     )
     rows.append((f"training {args.steps} steps (params)", diff, t_train1, t_trainn))
-    print(f"  loss {losses1[0]:.4f} -> {losses1[-1]:.4f} (one device), "
-          f"{lossesn[0]:.4f} -> {lossesn[-1]:.4f} ({n} devices)")
+    print(
+        f"  loss {losses1[0]:.4f} -> {losses1[-1]:.4f} (one device), "
+        f"{lossesn[0]:.4f} -> {lossesn[-1]:.4f} ({n} devices)"
+    )
 
     # summary ---------------------------------------------------------------------
-    print("\n| what ran | max rel. diff vs 1 device | 1 device | "
-          f"{n} devices | speedup |")
+    print(
+        f"\n| what ran | max rel. diff vs 1 device | 1 device | {n} devices | speedup |"
+    )
     print("|---|---:|---:|---:|---:|")
     ok = True
     for name, d, t1, tn in rows:
-        print(f"| {name} | {d:.2e} | {t1 * 1e3:.1f} ms | {tn * 1e3:.1f} ms | "
-              f"{t1 / tn:.2f}x |")
+        print(
+            f"| {name} | {d:.2e} | {t1 * 1e3:.1f} ms | {tn * 1e3:.1f} ms | "
+            f"{t1 / tn:.2f}x |"
+        )
         ok &= d < 1e-4
     print("\nAll results match one device." if ok else "\nMISMATCH against one device!")
-    print("(Simulated CPU devices share this machine's cores: the speedups show the "
-          "overhead, not real scaling.)")
+    print(
+        "(Simulated CPU devices share this machine's cores: the speedups show the "
+        "overhead, not real scaling.)"
+    )
     return 0 if ok else 1
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.tree_util as jtu
 
 from ._specs import (
@@ -120,7 +121,8 @@ class _Entry:
         if shardings is None:
             return None
         if all(
-            isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+            isinstance(x, jax.Array)
+            and not isinstance(x, jax.core.Tracer)
             and x.sharding == s
             for x, s in zip(arrays, shardings)
         ):
@@ -258,4 +260,3 @@ def decorator_or_call(fun: Any, make: Callable[[Callable], Any]) -> Any:
     if fun is None:
         return make
     return make(fun)
-

@@ -9,7 +9,7 @@ leaves costs, where `equinox.filter_jit` costs several times that.
 from collections.abc import Callable
 from typing import Any, overload
 
-from ._dispatch import Compiled, Donate, decorator_or_call, transformed
+from ._dispatch import Compiled, decorator_or_call, Donate, transformed
 
 
 def _jit_run(fun: Any, args: tuple, kwargs: dict, context: None) -> tuple[Any, None]:
@@ -24,10 +24,14 @@ def filter_jit(
 
 
 @overload
-def filter_jit(fun: Callable[..., Any], *, donate: Donate = "none") -> Callable[..., Any]: ...
+def filter_jit(
+    fun: Callable[..., Any], *, donate: Donate = "none"
+) -> Callable[..., Any]: ...
 
 
-def filter_jit(fun: Callable[..., Any] | None = None, *, donate: Donate = "none") -> Any:
+def filter_jit(
+    fun: Callable[..., Any] | None = None, *, donate: Donate = "none"
+) -> Any:
     """Compiles `fun`, tracing array leaves and keeping every other leaf static.
 
     Same contract as `equinox.filter_jit`: arrays (JAX and NumPy) are traced, anything

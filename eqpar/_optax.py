@@ -3,7 +3,7 @@
 from typing import Any
 
 import optax
-from jaxtyping import ArrayLike, PyTree
+from jaxtyping import ArrayLike
 
 from ._collectives import AxisName, grad_mean
 
@@ -33,18 +33,18 @@ def pmean_updates(axis_name: AxisName) -> optax.GradientTransformationExtraArgs:
         ```
     """
 
-    def init(params: PyTree) -> optax.EmptyState:
+    def init(params: optax.Params) -> optax.OptState:
         del params
         return optax.EmptyState()
 
     def update(
-        updates: PyTree,
-        state: optax.EmptyState,
-        params: PyTree | None = None,
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
         *,
         count: ArrayLike | None = None,
         **extra_args: Any,
-    ) -> tuple[PyTree, optax.EmptyState]:
+    ) -> tuple[optax.Updates, optax.OptState]:
         del params, extra_args
         return grad_mean(updates, axis_name, count=count), state
 

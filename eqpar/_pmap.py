@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
-from ._dispatch import Compiled, Donate, decorator_or_call, transformed
+from ._dispatch import Compiled, decorator_or_call, Donate, transformed
 from ._errors import AxisSizeError
 from ._specs import is_array
 from ._vmap import AxisSpec, MappedCall

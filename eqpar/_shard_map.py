@@ -13,10 +13,10 @@ from jaxtyping import PyTree
 from ._dispatch import Compiled, decorator_or_call, transformed
 from ._errors import AxisSizeError, MeshError, SpecError
 from ._specs import (
-    REQUIRED,
     is_array,
     leaf_names,
     merge_leaves,
+    REQUIRED,
     resolve_call_specs,
     resolve_out_specs,
     split_leaves,
@@ -118,7 +118,8 @@ def _shard_map_run(
         # Explicit mesh axes make sharding part of the type: shard_map refuses an
         # input whose type does not already carry its spec. Reshard inside the jit.
         arrays = [
-            x if _same_spec(jax.typeof(x).sharding.spec, s, x.ndim)
+            x
+            if _same_spec(jax.typeof(x).sharding.spec, s, x.ndim)
             else jax.sharding.reshard(x, _sharding(mesh, s))
             for x, s in zip(arrays, specs)
         ]
@@ -133,8 +134,10 @@ def _shard_map_run(
         out_raw = resolve_out_specs(out_specs, out, "out_specs")
         out_arrays, out_signature = split_leaves(out_leaves)
         out_names = ft.cache(
-            lambda: [f"the output at {jtu.keystr(p) or '(root)'}"
-                     for p, _ in jtu.tree_flatten_with_path(out)[0]]
+            lambda: [
+                f"the output at {jtu.keystr(p) or '(root)'}"
+                for p, _ in jtu.tree_flatten_with_path(out)[0]
+            ]
         )
         specs_out = []
         for j, (leaf, spec) in enumerate(zip(out_leaves, out_raw)):

@@ -130,9 +130,7 @@ def _describe_structure(tree: Any) -> str:
     return text if len(text) < 400 else text[:400] + "..."
 
 
-def _broadcast(
-    prefix: Any, tree: Any, name: str, what: str
-) -> list[Any]:
+def _broadcast(prefix: Any, tree: Any, name: str, what: str) -> list[Any]:
     """Per-leaf spec leaves for `tree`, from the spec `prefix` (callables applied to
     array leaves; non-array leaves get `None`)."""
     spec_leaves, spec_def = jtu.tree_flatten(prefix, is_leaf=_is_none)
@@ -252,7 +250,10 @@ def resolve_out_specs(spec: Any, out: Any, what: str) -> list[Any]:
 
 
 def check_int_axes(
-    axes: Sequence[Any], leaves: Sequence[Any], names: Callable[[], list[str]], what: str
+    axes: Sequence[Any],
+    leaves: Sequence[Any],
+    names: Callable[[], list[str]],
+    what: str,
 ) -> int | None:
     """Validates int/None axes against array leaves and returns the common mapped size
     (`None` when nothing is mapped).

@@ -122,7 +122,10 @@ class MappedCall:
             moved.append(jnp.moveaxis(x, 0, axis))
         mapped_it, unmapped_it = iter(moved), iter(unmapped_out)
         leaves = [
-            next(mapped_it) if k is _MAPPED else next(unmapped_it) if k is _UNMAPPED
+            next(mapped_it)
+            if k is _MAPPED
+            else next(unmapped_it)
+            if k is _UNMAPPED
             else k
             for k in kinds
         ]

@@ -19,8 +19,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m eqpar.demo", description="A short tour of eqpar."
     )
-    parser.add_argument("--devices", type=int, default=8,
-                        help="simulated CPU devices (default 8)")
+    parser.add_argument(
+        "--devices", type=int, default=8, help="simulated CPU devices (default 8)"
+    )
     parser.add_argument("--size", type=int, default=128, help="field size in pixels")
     parser.add_argument("--planes", type=int, default=32, help="depth planes")
     parser.add_argument("--steps", type=int, default=30, help="training steps")

@@ -13,7 +13,9 @@ def assert_tree_allclose(a, b, *, rtol=1e-5, atol=1e-6):
     assert ta == tb, f"structures differ:\n{ta}\n{tb}"
     for x, y in zip(la, lb):
         if eqx.is_array(x):
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+            np.testing.assert_allclose(
+                np.asarray(x), np.asarray(y), rtol=rtol, atol=atol
+            )
         else:
             assert x == y
 

@@ -28,7 +28,9 @@ def test_pmap_axis_larger_than_device_count():
 
 
 def test_batch_that_does_not_divide_the_mesh_axis(mesh8):
-    f = eqpar.filter_shard_map(lambda x: x, mesh=mesh8, in_specs=P("data"), out_specs=P("data"))
+    f = eqpar.filter_shard_map(
+        lambda x: x, mesh=mesh8, in_specs=P("data"), out_specs=P("data")
+    )
     with pytest.raises(eqpar.AxisSizeError) as info:
         f(jnp.ones((37, 2)))
     msg = str(info.value)
@@ -37,13 +39,17 @@ def test_batch_that_does_not_divide_the_mesh_axis(mesh8):
 
 
 def test_spec_naming_an_axis_the_mesh_lacks(mesh8):
-    f = eqpar.filter_shard_map(lambda x: x, mesh=mesh8, in_specs=P("batch"), out_specs=P())
+    f = eqpar.filter_shard_map(
+        lambda x: x, mesh=mesh8, in_specs=P("batch"), out_specs=P()
+    )
     with pytest.raises(eqpar.MeshError, match=r"\['batch'\].*its axes are \('data',\)"):
         f(jnp.ones(8))
 
 
 def test_out_spec_naming_an_axis_the_mesh_lacks(mesh8):
-    f = eqpar.filter_shard_map(lambda x: x, mesh=mesh8, in_specs=P("data"), out_specs=P("model"))
+    f = eqpar.filter_shard_map(
+        lambda x: x, mesh=mesh8, in_specs=P("data"), out_specs=P("model")
+    )
     with pytest.raises(eqpar.MeshError, match="output.*'model'"):
         f(jnp.ones(8))
 
@@ -61,13 +67,17 @@ def test_spec_tree_that_does_not_match_the_argument():
 
 
 def test_spec_tuple_of_wrong_length(mesh8):
-    f = eqpar.filter_shard_map(lambda x, y: x, mesh=mesh8, in_specs=(P("data"),), out_specs=P())
+    f = eqpar.filter_shard_map(
+        lambda x, y: x, mesh=mesh8, in_specs=(P("data"),), out_specs=P()
+    )
     with pytest.raises(eqpar.SpecError, match="1 entries.*2 positional"):
         f(jnp.ones(8), jnp.ones(8))
 
 
 def test_spec_longer_than_rank(mesh8):
-    f = eqpar.filter_shard_map(lambda x: x, mesh=mesh8, in_specs=P(None, "data"), out_specs=P())
+    f = eqpar.filter_shard_map(
+        lambda x: x, mesh=mesh8, in_specs=P(None, "data"), out_specs=P()
+    )
     with pytest.raises(eqpar.SpecError, match="longer than the array's rank"):
         f(jnp.ones(8))
 
@@ -83,8 +93,9 @@ def test_unknown_parameter_name_in_dict_spec():
 
 
 def test_keyword_argument_without_a_spec(mesh8):
-    f = eqpar.filter_shard_map(lambda x, *, w: x * w, mesh=mesh8, in_specs=(P("data"),),
-                               out_specs=P("data"))
+    f = eqpar.filter_shard_map(
+        lambda x, *, w: x * w, mesh=mesh8, in_specs=(P("data"),), out_specs=P("data")
+    )
     with pytest.raises(eqpar.SpecError, match="`w` has no spec.*dict"):
         f(jnp.ones(8), w=jnp.ones(8))
 
@@ -95,9 +106,12 @@ def test_nothing_mapped_and_no_axis_size():
 
 
 def test_wrong_spec_kind_for_shard_map(mesh8):
-    f = eqpar.filter_shard_map(lambda x: x, mesh=mesh8, in_specs=lambda leaf: 0,
-                               out_specs=P())
-    with pytest.raises(eqpar.SpecError, match="resolved to 0 for argument `x`.*PartitionSpec"):
+    f = eqpar.filter_shard_map(
+        lambda x: x, mesh=mesh8, in_specs=lambda leaf: 0, out_specs=P()
+    )
+    with pytest.raises(
+        eqpar.SpecError, match="resolved to 0 for argument `x`.*PartitionSpec"
+    ):
         f(jnp.ones(8))
 
 

@@ -2,7 +2,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from hypothesis import given, strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -67,7 +66,10 @@ def test_axis_name_and_collectives():
 def test_axis_size_with_no_mapped_input():
     x = jnp.arange(3.0)
     out = eqpar.filter_pmap(
-        lambda x: x * jax.lax.axis_index("i").astype(x.dtype), in_axes=None, axis_size=4, axis_name="i"
+        lambda x: x * jax.lax.axis_index("i").astype(x.dtype),
+        in_axes=None,
+        axis_size=4,
+        axis_name="i",
     )(x)
     assert_tree_allclose(out, jnp.arange(4.0)[:, None] * x[None, :])
 

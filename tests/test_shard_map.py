@@ -24,7 +24,9 @@ def test_mlp_data_parallel(getkey, kind):
     mlp = eqx.nn.MLP(5, 3, 16, 2, key=getkey())
     x = jax.random.normal(getkey(), (32, 5))
     f = eqpar.filter_shard_map(
-        lambda m, x: jax.vmap(m)(x), mesh=mesh, in_specs=(None, P("data")),
+        lambda m, x: jax.vmap(m)(x),
+        mesh=mesh,
+        in_specs=(None, P("data")),
         out_specs=P("data"),
     )
     out = f(mlp, x)
@@ -37,10 +39,15 @@ def test_mixed_module_kwargs_and_static_outputs(getkey, mesh8):
     x = jax.random.normal(getkey(), (16, 3))
 
     def f(model, x, *, scale):
-        return {"y": jax.vmap(lambda v: model.scaled(v, scale=scale))(x), "name": model.name}
+        return {
+            "y": jax.vmap(lambda v: model.scaled(v, scale=scale))(x),
+            "name": model.name,
+        }
 
     g = eqpar.filter_shard_map(
-        f, mesh=mesh8, in_specs=dict(model=P(), x=P("data"), scale=P()),
+        f,
+        mesh=mesh8,
+        in_specs=dict(model=P(), x=P("data"), scale=P()),
         out_specs={"y": P("data"), "name": None},
     )
     out = g(model, x, scale=jnp.array(0.5))
@@ -72,7 +79,9 @@ def test_two_dimensional_mesh(getkey, kind):
         return jnp.tanh(x @ w), eqpar.psum(jnp.sum(x @ w), ("data", "model"))
 
     out, total = eqpar.filter_shard_map(
-        f, mesh=mesh, in_specs=(P("data"), P(None, "model")),
+        f,
+        mesh=mesh,
+        in_specs=(P("data"), P(None, "model")),
         out_specs=(P("data", "model"), P()),
     )(x, w)
     assert_tree_allclose(out, jnp.tanh(x @ w))
@@ -98,7 +107,9 @@ def test_context_mesh_and_unplaced_inputs(kind):
 
 def test_no_retrace_on_second_call(mesh8):
     counter = TraceCounter(lambda x, n: x * n)
-    f = eqpar.filter_shard_map(counter, mesh=mesh8, in_specs=P("data"), out_specs=P("data"))
+    f = eqpar.filter_shard_map(
+        counter, mesh=mesh8, in_specs=P("data"), out_specs=P("data")
+    )
     x = jnp.arange(16.0)
     f(x, 2)
     f(x + 1, 2)
@@ -126,7 +137,9 @@ def test_batch_sizes_and_device_counts(per_device, devices):
     x = jnp.linspace(0.0, 1.0, per_device * devices * 2).reshape(-1, 2)
     f = eqpar.filter_shard_map(
         lambda x: jnp.sin(x) - eqpar.pmean(x.mean(), "data"),
-        mesh=mesh, in_specs=P("data"), out_specs=P("data"),
+        mesh=mesh,
+        in_specs=P("data"),
+        out_specs=P("data"),
     )
     assert_tree_allclose(f(x), jnp.sin(x) - x.mean())
 
@@ -135,7 +148,9 @@ def test_method_and_inside_filter_jit(mesh8, getkey):
     class Model(eqx.Module):
         w: jax.Array
 
-        @eqpar.filter_shard_map(mesh=mesh8, in_specs=(P(), P("data")), out_specs=P("data"))
+        @eqpar.filter_shard_map(
+            mesh=mesh8, in_specs=(P(), P("data")), out_specs=P("data")
+        )
         def forward(self, x):
             return x @ self.w
 
@@ -153,9 +168,15 @@ def test_check_vma_false_keeps_gradients_per_device(mesh8):
     def local_grad(w, x):
         return jax.grad(lambda w: jnp.sum(w * x))(w)[None]
 
-    checked = eqpar.filter_shard_map(local_grad, mesh=mesh8, in_specs=(P(), P("data")),
-                                     out_specs=P("data"))(w, x)
-    unchecked = eqpar.filter_shard_map(local_grad, mesh=mesh8, in_specs=(P(), P("data")),
-                                       out_specs=P("data"), check_vma=False)(w, x)
+    checked = eqpar.filter_shard_map(
+        local_grad, mesh=mesh8, in_specs=(P(), P("data")), out_specs=P("data")
+    )(w, x)
+    unchecked = eqpar.filter_shard_map(
+        local_grad,
+        mesh=mesh8,
+        in_specs=(P(), P("data")),
+        out_specs=P("data"),
+        check_vma=False,
+    )(w, x)
     assert_tree_allclose(unchecked, x)  # each device: its own example
     assert_tree_allclose(checked, jnp.full(8, x.sum()))  # autodiff summed over devices

@@ -147,7 +147,9 @@ def test_non_array_outputs_and_unmapped_outputs():
     x = jnp.arange(6.0).reshape(3, 2)
     c = jnp.array(7.0)
     out = eqpar.filter_vmap(
-        lambda x, c: (x.sum(), c * 2, "label"), in_axes=(0, None), out_axes=(0, None, None)
+        lambda x, c: (x.sum(), c * 2, "label"),
+        in_axes=(0, None),
+        out_axes=(0, None, None),
     )(x, c)
     assert_tree_allclose(out, (x.sum(axis=1), c * 2, "label"))
 
@@ -178,7 +180,10 @@ def test_chunk_size_bounds_memory():
     def temp_bytes(chunk):
         g = eqpar.filter_vmap(f, chunk_size=chunk)
         return (
-            jax.jit(lambda x: g(x)).lower(x).compile().memory_analysis()
+            jax.jit(lambda x: g(x))
+            .lower(x)
+            .compile()
+            .memory_analysis()
             .temp_size_in_bytes
         )
 
