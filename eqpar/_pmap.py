@@ -14,6 +14,7 @@ from jaxtyping import PyTree
 from ._dispatch import Compiled, decorator_or_call, Donate, transformed
 from ._errors import AxisSizeError
 from ._specs import is_array
+from ._shard_map import check_context_mesh
 from ._vmap import AxisSpec, MappedCall
 
 
@@ -78,8 +79,13 @@ def _pmap_run(
         out_specs[:] = [P(axis_name)] * len(mapped_out) + [P()] * len(unmapped_out)
         return [x[None] for x in mapped_out] + list(unmapped_out)
 
+    check_context_mesh(mesh, "filter_pmap")
     outs = jax.shard_map(
-        body, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs, check_vma=False
+        body,
+        mesh=mesh,
+        in_specs=tuple(in_specs),
+        out_specs=out_specs,
+        check_vma=False,
     )(*inputs)
     n_mapped_out = out_specs.count(P(axis_name))
     return call.finish(outs[:n_mapped_out], outs[n_mapped_out:]), shardings

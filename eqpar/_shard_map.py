@@ -84,6 +84,19 @@ def check_divides(
             )
 
 
+def check_context_mesh(mesh: AnyMesh, who: str) -> None:
+    """shard_map requires its mesh to agree with the context mesh, if one is set."""
+    context = jax.sharding.get_abstract_mesh()
+    abstract = mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh
+    if not context.empty and context != abstract:
+        raise MeshError(
+            f"{who} runs on the mesh {abstract}, but a different context mesh "
+            f"{context} is set (`jax.set_mesh`), and JAX requires the two to agree. "
+            f"Call it outside the `with jax.set_mesh(...)` block, or run on the "
+            "context mesh (`filter_shard_map` with `mesh=None`)."
+        )
+
+
 def _has_explicit(mesh: AnyMesh) -> bool:
     return any(t == AxisType.Explicit for t in mesh.axis_types)
 
@@ -156,6 +169,7 @@ def _shard_map_run(
         structure[:] = [out_def, out_signature]
         return out_arrays
 
+    check_context_mesh(mesh, "filter_shard_map")
     outs = jax.shard_map(
         body,
         mesh=mesh,

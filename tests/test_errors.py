@@ -119,3 +119,11 @@ def test_errors_are_value_errors_too():
     assert issubclass(eqpar.SpecError, ValueError)
     assert issubclass(eqpar.UnboundAxisError, NameError)
     assert issubclass(eqpar.AxisSizeError, eqpar.EqparError)
+
+
+def test_pmap_under_a_different_context_mesh():
+    import jax
+
+    with jax.set_mesh(jax.make_mesh((8,), ("data",))):
+        with pytest.raises(eqpar.MeshError, match="context mesh.*set_mesh"):
+            eqpar.filter_pmap(lambda x: x)(jnp.ones(4))
