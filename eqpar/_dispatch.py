@@ -23,14 +23,7 @@ import jax
 import jax.core
 import jax.tree_util as jtu
 
-from ._specs import (
-    _ARRAY_TYPES,
-    _STATIC_TYPES,
-    DYNAMIC,
-    is_array,
-    merge_leaves,
-    split_leaves,
-)
+from ._specs import DYNAMIC, merge_leaves, split_leaves
 
 
 # A backend's run: traced once per signature and shapes. Returns the output pytree
@@ -165,15 +158,7 @@ class Compiled:
         # The hot path: one flatten, one pass over the leaves, one dict lookup, one
         # call of the compiled function. Keep it that way (benchmarks/dispatch.py).
         leaves, treedef = _flatten((fun, args, kwargs))
-        arrays = []
-        signature = []
-        for leaf in leaves:
-            t = type(leaf)
-            if t in _ARRAY_TYPES or (t not in _STATIC_TYPES and is_array(leaf)):
-                arrays.append(leaf)
-                signature.append(DYNAMIC)
-            else:
-                signature.append(leaf)
+        arrays, signature = split_leaves(leaves)
         context = None if self._context_fn is None else self._context_fn()
         sig = tuple(signature)
         # Types too: 1, 1.0 and True are equal and hash alike, but trace differently.

@@ -8,13 +8,14 @@ from typing import Any, overload
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
 from ._dispatch import Compiled, decorator_or_call, Donate, transformed
 from ._errors import AxisSizeError
-from ._specs import is_array
 from ._shard_map import check_context_mesh
+from ._specs import is_array
 from ._vmap import AxisSpec, MappedCall
 
 
@@ -23,8 +24,6 @@ _DEFAULT_AXIS_NAME = "_eqpar_pmap"
 
 @ft.lru_cache(maxsize=64)
 def _mesh(devices: tuple[Any, ...], axis_name: Hashable) -> Mesh:
-    import numpy as np
-
     return Mesh(np.array(devices), (axis_name,), axis_types=(AxisType.Auto,))
 
 
