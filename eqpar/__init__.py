@@ -25,6 +25,14 @@ from ._errors import (
 )
 from ._jit import filter_jit as filter_jit
 from ._optax import pmean_updates as pmean_updates
+from ._parallel import Parallel as Parallel
+from ._placement import (
+    data_mesh as data_mesh,
+    filter_device_put as filter_device_put,
+    pad_batch as pad_batch,
+    replicate as replicate,
+    unreplicate as unreplicate,
+)
 from ._pmap import filter_pmap as filter_pmap
 from ._shard_map import filter_shard_map as filter_shard_map
 from ._vmap import filter_vmap as filter_vmap

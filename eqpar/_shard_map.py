@@ -97,8 +97,18 @@ def check_context_mesh(mesh: AnyMesh, who: str) -> None:
         )
 
 
-def _has_explicit(mesh: AnyMesh) -> bool:
-    return any(t == AxisType.Explicit for t in mesh.axis_types)
+def match_explicit(mesh: AnyMesh, arrays: list[Any], specs: list[P]) -> list[Any]:
+    """Explicit mesh axes make sharding part of an array's type, and shard_map
+    refuses an input whose type does not already carry its spec: reshard those
+    (inside the jit). A no-op on Auto axes."""
+    if not any(t == AxisType.Explicit for t in mesh.axis_types):
+        return arrays
+    return [
+        x
+        if _same_spec(jax.typeof(x).sharding.spec, s, x.ndim)
+        else jax.sharding.reshard(x, _sharding(mesh, s))
+        for x, s in zip(arrays, specs)
+    ]
 
 
 def _shard_map_run(
@@ -127,15 +137,7 @@ def _shard_map_run(
         check_divides(spec, tuple(leaf.shape), mesh, where, "in_specs")
         specs.append(spec)
 
-    if _has_explicit(mesh):
-        # Explicit mesh axes make sharding part of the type: shard_map refuses an
-        # input whose type does not already carry its spec. Reshard inside the jit.
-        arrays = [
-            x
-            if _same_spec(jax.typeof(x).sharding.spec, s, x.ndim)
-            else jax.sharding.reshard(x, _sharding(mesh, s))
-            for x, s in zip(arrays, specs)
-        ]
+    arrays = match_explicit(mesh, arrays, specs)
 
     out_flat: list[Any] = []  # filled while JAX traces `body` (see filter_pmap)
     structure: list[Any] = []

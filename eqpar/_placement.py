@@ -1,0 +1,227 @@
+"""Putting pytrees on devices: meshes, placement, replication, padding.
+
+All of these act on array leaves and leave every other leaf alone, like the
+transforms. Specs are `PartitionSpec`s (or pytree prefixes of them), checked against
+the mesh and the arrays with the same errors `filter_shard_map` raises.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxtyping import PyTree
+
+from ._errors import AxisSizeError, MeshError, SpecError
+from ._shard_map import check_divides, check_spec
+from ._specs import is_array
+
+
+def data_mesh(axis_name: str = "data", devices: Sequence[Any] | None = None) -> Mesh:
+    """A 1-D mesh over all devices (or the given ones), for data parallelism.
+
+    **Arguments:**
+
+    - `axis_name`: the name of its one axis.
+    - `devices`: the devices, in order (default: `jax.devices()`).
+
+    **Returns:**
+
+    A `jax.sharding.Mesh` with JAX's default (Explicit) axis type, usable as
+    `mesh=` or as a context mesh (`with jax.set_mesh(eqpar.data_mesh()):`).
+    """
+    devs = list(jax.devices() if devices is None else devices)
+    if not devs:
+        raise MeshError("`devices` must be non-empty (or None for all devices).")
+    return jax.make_mesh((len(devs),), (axis_name,), devices=devs)
+
+
+def _mesh_or_context(mesh: Mesh | None, who: str) -> Mesh:
+    if mesh is not None:
+        return mesh
+    context = jax.sharding.get_mesh()
+    if context.empty:
+        raise MeshError(
+            f"{who} was given `mesh=None` and no mesh is set: pass `mesh=...` or "
+            "use `with jax.set_mesh(mesh):` (e.g. `eqpar.data_mesh()`)."
+        )
+    return context
+
+
+def filter_device_put(
+    tree: PyTree, spec: PyTree, *, mesh: Mesh | None = None
+) -> PyTree:
+    """Places the array leaves of `tree` on `mesh`, sharded as `spec` says.
+
+    **Arguments:**
+
+    - `tree`: any pytree; non-array leaves are returned as they are.
+    - `spec`: a `PartitionSpec` for every array leaf, or a pytree prefix of `tree`
+        with `PartitionSpec` (or `None`, meaning `P()`) leaves.
+    - `mesh`: the mesh (default: the context mesh).
+
+    **Returns:**
+
+    `tree` with each array leaf a `jax.Array` sharded by `NamedSharding(mesh, spec)`.
+    """
+    mesh = _mesh_or_context(mesh, "filter_device_put")
+    spec_leaves, spec_def = jtu.tree_flatten(spec, is_leaf=lambda x: x is None)
+    try:
+        subtrees = spec_def.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+        raise SpecError(
+            f"The spec {spec!r} is not a pytree prefix of the tree to place, whose "
+            f"structure is {jtu.tree_structure(tree)}. ({e})"
+        ) from None
+    placed = []
+    for s, sub in zip(spec_leaves, subtrees):
+        pspec = P() if s is None else s
+        if not isinstance(pspec, P):
+            raise SpecError(f"A placement spec must be a PartitionSpec, got {s!r}.")
+        leaves, sub_def = jtu.tree_flatten_with_path(sub)
+        out = []
+        for path, leaf in leaves:
+            if is_array(leaf):
+
+                def where(path: Any = path) -> str:
+                    return f"the leaf at {jtu.keystr(path) or '(root)'}"
+
+                check_spec(pspec, mesh, where, "the spec")
+                check_divides(pspec, tuple(np.shape(leaf)), mesh, where, "the spec")
+                leaf = jax.device_put(leaf, NamedSharding(mesh, pspec))
+            out.append(leaf)
+        placed.append(jtu.tree_unflatten(sub_def, out))
+    return spec_def.unflatten(placed)
+
+
+def replicate(tree: PyTree, *, mesh: Mesh | None = None) -> PyTree:
+    """Every array leaf of `tree` on every device of `mesh` (a full copy each).
+
+    Same as `filter_device_put(tree, P(), mesh=mesh)`.
+    """
+    return filter_device_put(tree, P(), mesh=mesh)
+
+
+# `str` rather than a Literal: an unknown string gets eqpar's own error, with the
+# list of choices, also when a runtime type checker is active.
+Reduce = str | Callable[[Any], Any]  # "first" | "mean" | "sum" | "stack" | callable
+
+_REDUCTIONS: dict[str, Callable[[Any], Any]] = {
+    "first": lambda x: x[0],
+    "mean": lambda x: jnp.mean(x, axis=0),
+    "sum": lambda x: jnp.sum(x, axis=0),
+    "stack": lambda x: x,
+}
+
+
+def _per_device(x: Any, where: str) -> Any:
+    """`x` as a stack of per-device values along axis 0."""
+    sharding = getattr(x, "sharding", None)
+    if sharding is not None and len(sharding.device_set) > 1:
+        if sharding.is_fully_replicated:  # one copy per device
+            return jnp.broadcast_to(x, (len(sharding.device_set), *x.shape))
+    if np.ndim(x) == 0:
+        raise SpecError(
+            f"unreplicate got {where}, a scalar with no device axis. It expects per-"
+            "device values: a leading axis with one entry per device (as "
+            "`filter_pmap` and `Parallel(reduce=None)` return), or an array "
+            "replicated over several devices (`eqpar.replicate`)."
+        )
+    return x
+
+
+def unreplicate(tree: PyTree, reduce: Reduce = "first") -> PyTree:
+    """Reduces per-device values to one, leaf by leaf (Objax's table).
+
+    **Arguments:**
+
+    - `tree`: a pytree whose array leaves hold per-device values: a leading device
+        axis, or a copy on each device (an array replicated with
+        [`eqpar.replicate`][]). Non-array leaves pass through.
+    - `reduce`: `"first"` (device 0's value, dtype kept), `"mean"` (a float mean),
+        `"sum"`, `"stack"` (the per-device values stacked on a leading axis) or a
+        callable applied to each leaf's `(devices, ...)` stack.
+
+    **Returns:**
+
+    The reduced tree, e.g. `arange(5)` replicated on 8 devices gives
+    `[0, 8, 16, 24, 32]` with `"sum"`.
+    """
+    if isinstance(reduce, str):
+        if reduce not in _REDUCTIONS:
+            raise SpecError(
+                f"unreplicate got reduce={reduce!r}; use one of "
+                f"{sorted(_REDUCTIONS)} or a callable on the (devices, ...) stack."
+            )
+        fn = _REDUCTIONS[reduce]
+    elif callable(reduce):
+        fn = reduce
+    else:
+        raise SpecError(
+            f"unreplicate's `reduce` must be a string or callable: {reduce!r}"
+        )
+    leaves, treedef = jtu.tree_flatten_with_path(tree)
+    out = [
+        fn(_per_device(leaf, f"the leaf at {jtu.keystr(path) or '(root)'}"))
+        if is_array(leaf)
+        else leaf
+        for path, leaf in leaves
+    ]
+    return jtu.tree_unflatten(treedef, out)
+
+
+def pad_batch(tree: PyTree, multiple: int, *, axis: int = 0) -> tuple[PyTree, int]:
+    """Pads every array leaf along `axis` up to a multiple of `multiple`.
+
+    Padded entries repeat the last real one (valid inputs: no division by zero or
+    log of zero in the padding), so they are harmless to compute; drop them from
+    anything you reduce, e.g. with `mask = jnp.arange(padded_size) < n_real` or
+    [`eqpar.grad_mean`][]`(..., count=...)`.
+
+    **Arguments:**
+
+    - `tree`: a batch: any pytree whose array leaves share their size along `axis`.
+    - `multiple`: e.g. the number of devices.
+    - `axis`: the batch axis.
+
+    **Returns:**
+
+    `(padded, n_real)`: the padded tree and the original batch size.
+    """
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise SpecError(f"`multiple` must be a positive int, got {multiple!r}.")
+    leaves, treedef = jtu.tree_flatten_with_path(tree)
+    sizes = {}
+    for path, leaf in leaves:
+        if is_array(leaf):
+            if not -np.ndim(leaf) <= axis < np.ndim(leaf):
+                raise SpecError(
+                    f"pad_batch: the leaf at {jtu.keystr(path) or '(root)'} has shape "
+                    f"{np.shape(leaf)}, with no axis {axis}."
+                )
+            sizes[jtu.keystr(path) or "(root)"] = np.shape(leaf)[axis]
+    if not sizes:
+        raise SpecError("pad_batch got a tree with no array leaves.")
+    if len(set(sizes.values())) > 1:
+        listing = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+        raise AxisSizeError(
+            f"pad_batch: the array leaves disagree on their size along axis {axis} "
+            f"({listing})."
+        )
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise AxisSizeError(
+            "pad_batch got an empty batch (size 0): nothing to pad from."
+        )
+    pad = (-n) % multiple
+    if pad == 0:
+        return tree, n
+    index = np.concatenate([np.arange(n), np.full(pad, n - 1)])
+    padded = [
+        jnp.take(leaf, index, axis=axis) if is_array(leaf) else leaf
+        for _, leaf in leaves
+    ]
+    return jtu.tree_unflatten(treedef, padded), n
