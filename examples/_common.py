@@ -1,0 +1,72 @@
+"""Shared plumbing for the example programs (not part of eqpar's API).
+
+Every example is a program: `python examples/NAME.py --devices N [...]`. Its
+`main(argv)` returns a dict with the figures it printed and `"checks"`, a dict of
+named self-checks (bool) that the tests assert.
+"""
+
+import argparse
+import os
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def parser(description: str, *, devices: int = 8) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--devices", type=int, default=devices, help="devices to use")
+    p.add_argument("--out", default="examples-out", help="folder for PNGs")
+    return p
+
+
+def setup_devices(n: int) -> list[Any]:
+    """Asks for `n` simulated CPU devices if JAX has not started yet, and returns the
+    first `n` devices (so the examples also run inside an already-started process,
+    such as the test suite, with whatever devices it has)."""
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+    )
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", max(n, 1))
+    except RuntimeError:  # backends already initialised (e.g. under pytest)
+        pass
+    devices = jax.devices()
+    if len(devices) < n:
+        raise SystemExit(f"asked for {n} devices but only {len(devices)} are available")
+    return devices[:n]
+
+
+def timed(fn: Callable[[], Any], repeat: int = 3) -> tuple[Any, float]:
+    """(result, best wall time in seconds over `repeat` runs after a warm-up)."""
+    import jax
+
+    out = jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def rel_diff(a: Any, b: Any) -> float:
+    """Largest difference relative to the reference's largest magnitude."""
+    import numpy as np
+
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+
+
+def out_dir(path: str) -> pathlib.Path:
+    p = pathlib.Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def report(checks: dict[str, bool]) -> None:
+    print()
+    for name, ok in checks.items():
+        print(f"  [{'ok' if ok else 'FAILED'}] {name}")
