@@ -15,6 +15,12 @@ from ._collectives import (
     sensor_sum as sensor_sum,
     varying_axes as varying_axes,
 )
+from ._distributed import (
+    gather as gather,
+    global_batch as global_batch,
+    initialize as initialize,
+    local_batch as local_batch,
+)
 from ._errors import (
     AxisSizeError as AxisSizeError,
     EqparError as EqparError,

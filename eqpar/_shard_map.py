@@ -100,7 +100,24 @@ def check_context_mesh(mesh: AnyMesh, who: str) -> None:
 def match_explicit(mesh: AnyMesh, arrays: list[Any], specs: list[P]) -> list[Any]:
     """Explicit mesh axes make sharding part of an array's type, and shard_map
     refuses an input whose type does not already carry its spec: reshard those
-    (inside the jit). A no-op on Auto axes."""
+    (inside the jit). An input typed on another mesh's Explicit axes cannot be
+    resharded here: that gets a clear error instead of JAX's KeyError."""
+    target = mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh
+    for x in arrays:
+        typed = jax.typeof(x).sharding
+        own = getattr(typed, "mesh", None)
+        if (
+            own is not None
+            and not own.empty
+            and own != target
+            and any(t == AxisType.Explicit for t in own.axis_types)
+        ):
+            raise MeshError(
+                f"An input is sharded on the mesh {own} (Explicit axes), but this "
+                f"call runs on {target}. Run on the input's mesh (pass the same "
+                "`mesh=` and axis name), or move the input first with "
+                "`eqpar.filter_device_put(x, spec, mesh=...)`."
+            )
     if not any(t == AxisType.Explicit for t in mesh.axis_types):
         return arrays
     return [

@@ -14,6 +14,7 @@ SMALL = {  # the flags that make each example small enough for CI
     "grid": ["--n", "300", "--loop-n", "20", "--chunk", "64"],
     "ensembles": [],
     "shard_map_kernels": [],
+    "multiprocess_training": ["--steps", "3"],  # one process here; see test_distributed
 }
 
 
@@ -31,7 +32,9 @@ def load(name: str):
 
 def run(name: str, tmp_path, *extra: str) -> dict:
     module = load(name)
-    results = module.main(["--devices", "8", "--out", str(tmp_path), *SMALL[name], *extra])
+    results = module.main(
+        ["--devices", "8", "--out", str(tmp_path), *SMALL[name], *extra]
+    )
     failed = [k for k, ok in results["checks"].items() if not ok]
     assert not failed, f"{name}: self-checks failed: {failed}"
     assert results["checks"], f"{name} checked nothing"

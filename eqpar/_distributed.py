@@ -1,0 +1,184 @@
+"""Several processes, one program: JAX's own multi-process runtime, and the two
+conversions a data-parallel program needs (each process's local batch -> one global
+array, and back).
+
+Nothing here is a cluster layer of eqpar's own: `initialize` is
+`jax.distributed.initialize` plus the environment a launcher sets (`eqpar.launch`,
+or your scheduler), and the array helpers are JAX's
+`make_array_from_process_local_data` and `multihost_utils` applied to pytrees. After
+`initialize`, `jax.devices()` lists every process's devices, so `data_mesh`,
+`Parallel`, `filter_shard_map`, `replicate` and the collectives work across processes
+with no change.
+"""
+
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.tree_util as jtu
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxtyping import PyTree
+
+from ._errors import MeshError, SpecError
+from ._specs import is_array
+
+
+# The first variable that is set wins: eqpar's launcher sets the EQPAR_ ones.
+_ENV = {
+    "coordinator_address": ("EQPAR_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"),
+    "num_processes": ("EQPAR_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
+    "process_id": ("EQPAR_PROCESS_ID", "JAX_PROCESS_ID"),
+    "local_device_count": ("EQPAR_LOCAL_DEVICES",),
+}
+
+
+def _from_env(name: str, env: Mapping[str, str]) -> str | None:
+    for var in _ENV[name]:
+        if env.get(var):
+            return env[var]
+    return None
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_count: int | None = None,
+) -> bool:
+    """Starts JAX's multi-process runtime, from arguments or the environment.
+
+    Call it first thing, before any JAX computation. Each argument left as `None` is
+    read from the environment: `EQPAR_COORDINATOR_ADDRESS` (or
+    `JAX_COORDINATOR_ADDRESS`), `EQPAR_NUM_PROCESSES` (or `JAX_NUM_PROCESSES`),
+    `EQPAR_PROCESS_ID` (or `JAX_PROCESS_ID`) and `EQPAR_LOCAL_DEVICES`, which is what
+    `python -m eqpar.launch` sets for each process it starts. On CPU, collectives
+    across processes use gloo.
+
+    **Arguments:**
+
+    - `coordinator_address`: `"host:port"` of process 0's coordinator.
+    - `num_processes`: how many processes take part.
+    - `process_id`: this process's index, `0 <= process_id < num_processes`.
+    - `local_device_count`: simulated CPU devices for this process (CPU only).
+
+    **Returns:**
+
+    `True` if a multi-process runtime was started; `False` when nothing asks for one
+    (no arguments, no environment): the program then runs as a single process, so
+    the same script works with and without a launcher.
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or _from_env("coordinator_address", env)
+    num = num_processes if num_processes is not None else _int_env("num_processes")
+    pid = process_id if process_id is not None else _int_env("process_id")
+    local = (
+        local_device_count
+        if local_device_count is not None
+        else _int_env("local_device_count")
+    )
+    if local is not None:
+        jax.config.update("jax_num_cpu_devices", local)
+    if coordinator_address is None and num is None and pid is None:
+        return False
+    if coordinator_address is None or num is None or pid is None:
+        raise MeshError(
+            "initialize needs all three of the coordinator address, the number of "
+            f"processes and this process's id; got coordinator={coordinator_address!r}"
+            f", num_processes={num!r}, process_id={pid!r}. Pass them, or set "
+            "EQPAR_COORDINATOR_ADDRESS, EQPAR_NUM_PROCESSES and EQPAR_PROCESS_ID "
+            "(`python -m eqpar.launch` does)."
+        )
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num, process_id=pid
+    )
+    return True
+
+
+def _int_env(name: str) -> int | None:
+    value = _from_env(name, os.environ)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise MeshError(f"{_ENV[name][0]} must be an integer, got {value!r}.") from None
+
+
+def _spec_and_mesh(spec: P | None, mesh: Mesh | None) -> tuple[P, Mesh]:
+    if mesh is None:
+        mesh = jax.sharding.get_mesh()
+        if mesh.empty:
+            raise MeshError(
+                "No mesh: pass `mesh=` or set one with `jax.set_mesh` (e.g. "
+                "`eqpar.data_mesh()`, which spans every process's devices)."
+            )
+    if spec is None:
+        spec = P(mesh.axis_names[0])
+    if not isinstance(spec, P):
+        raise SpecError(f"`spec` must be a PartitionSpec, got {spec!r}.")
+    return spec, mesh
+
+
+def global_batch(
+    local: PyTree, spec: P | None = None, *, mesh: Mesh | None = None
+) -> PyTree:
+    """Each process's local batch -> one global array per leaf, sharded by `spec`.
+
+    Every process calls it with its own part (e.g. its rows of the batch); the result
+    is the concatenation in process order, as one `jax.Array` spanning all devices.
+    Also works in a single process (the local batch is then the whole batch).
+
+    **Arguments:**
+
+    - `local`: this process's part; non-array leaves pass through.
+    - `spec`: how the global array is sharded (default: the leading axis over the
+        mesh's first axis, i.e. data parallel).
+    - `mesh`: the global mesh (default: the context mesh).
+    """
+    spec, mesh = _spec_and_mesh(spec, mesh)
+    sharding = NamedSharding(mesh, spec)
+    return jtu.tree_map(
+        lambda x: (
+            jax.make_array_from_process_local_data(sharding, np.asarray(x))
+            if is_array(x)
+            else x
+        ),
+        local,
+    )
+
+
+def local_batch(tree: PyTree) -> PyTree:
+    """Global arrays -> this process's part (the inverse of `global_batch`).
+
+    Each leaf must be a `jax.Array` with a `NamedSharding` (as eqpar's transforms
+    return); other leaves pass through. Returns NumPy arrays.
+    """
+
+    def local(x: jax.Array) -> np.ndarray:
+        sharding = x.sharding
+        if not isinstance(sharding, NamedSharding):
+            raise SpecError(
+                f"local_batch needs arrays with a NamedSharding, got {sharding}."
+            )
+        out = multihost_utils.global_array_to_host_local_array(
+            x, sharding.mesh, sharding.spec
+        )
+        return np.asarray(out)
+
+    return jtu.tree_map(lambda x: local(x) if isinstance(x, jax.Array) else x, tree)
+
+
+def gather(tree: PyTree) -> PyTree:
+    """A full copy of every global array leaf, as NumPy, on every process."""
+    return jtu.tree_map(
+        lambda x: (
+            np.asarray(multihost_utils.process_allgather(x, tiled=True))
+            if isinstance(x, jax.Array)
+            else x
+        ),
+        tree,
+    )

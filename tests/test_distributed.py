@@ -1,0 +1,152 @@
+"""Several processes on loopback, started by `python -m eqpar.launch` (2 x 4 CPU)."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+ROOT = pathlib.Path(__file__).parent.parent
+WORKER = ROOT / "tests" / "_mp_worker.py"
+TRAINING = ROOT / "examples" / "multiprocess_training.py"
+
+
+def launch(*args: str, timeout: float = 150.0) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "eqpar.launch", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def pids(output: str) -> list[int]:
+    return [int(p) for p in re.findall(r"\[launch\] process \d+: pid (\d+)", output)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_collectives_across_processes():
+    run = launch("-n", "2", "--local-devices", "4", "--timeout", "120", str(WORKER))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    for p in ("p0", "p1"):
+        for check in ("psum", "grad_mean", "sensor_sum", "Parallel", "unreplicate"):
+            assert f"[{p}] check {check}: ok" in run.stdout, run.stdout[-3000:]
+
+
+def test_training_equals_one_process_and_one_device(tmp_path):
+    run = launch(
+        "-n",
+        "2",
+        "--local-devices",
+        "4",
+        "--timeout",
+        "120",
+        str(TRAINING),
+        "--steps",
+        "5",
+        "--out",
+        str(tmp_path),
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "[ok] 8-device training over 2 process(es) equals one device" in run.stdout
+    single = subprocess.run(
+        [
+            sys.executable,
+            str(TRAINING),
+            "--devices",
+            "8",
+            "--steps",
+            "5",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-2000:]
+    two = np.load(tmp_path / "params_2x4.npz")
+    one = np.load(tmp_path / "params_1x8.npz")
+    assert len(two.files) == len(one.files) > 0
+    for k in one.files:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-7)
+
+
+def test_a_failing_process_stops_the_run():
+    start = time.monotonic()
+    run = launch(
+        "-n", "2", "--local-devices", "4", "--timeout", "120", str(WORKER), "--fail"
+    )
+    elapsed = time.monotonic() - start
+    assert run.returncode != 0
+    assert elapsed < 60, f"took {elapsed:.0f} s"
+    assert "RuntimeError: process 1 fails on purpose" in run.stdout
+    assert "Traceback" in run.stdout
+    assert "stopping the others" in run.stdout
+    started = pids(run.stdout)
+    assert len(started) == 2
+    assert not any(alive(pid) for pid in started)
+
+
+def test_timeout_kills_everything(tmp_path):
+    script = tmp_path / "sleepy.py"
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(120)\n")
+    start = time.monotonic()
+    run = launch("-n", "2", "--timeout", "3", str(script))
+    assert run.returncode == 124
+    assert time.monotonic() - start < 30
+    assert "[p0] started" in run.stdout and "[p1] started" in run.stdout
+    assert not any(alive(pid) for pid in pids(run.stdout))
+
+
+def test_initialize_without_environment_is_single_process(monkeypatch):
+    import eqpar
+
+    for var in (
+        "EQPAR_COORDINATOR_ADDRESS",
+        "EQPAR_NUM_PROCESSES",
+        "EQPAR_PROCESS_ID",
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+        "EQPAR_LOCAL_DEVICES",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    assert eqpar.initialize() is False
+
+
+def test_initialize_with_partial_environment(monkeypatch):
+    import pytest
+
+    import eqpar
+
+    monkeypatch.setenv("EQPAR_NUM_PROCESSES", "2")
+    monkeypatch.delenv("EQPAR_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    with pytest.raises(eqpar.MeshError, match="coordinator"):
+        eqpar.initialize()
+
+
+def test_global_batch_round_trip_in_one_process():
+
+    import eqpar
+
+    mesh = eqpar.data_mesh()
+    x = np.arange(16.0, dtype=np.float32).reshape(8, 2)
+    g = eqpar.global_batch({"x": x, "tag": "t"}, mesh=mesh)
+    assert g["tag"] == "t" and g["x"].shape == (8, 2)
+    np.testing.assert_array_equal(eqpar.local_batch(g)["x"], x)
+    np.testing.assert_array_equal(eqpar.gather(g)["x"], x)
