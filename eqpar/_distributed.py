@@ -160,7 +160,9 @@ def local_batch(tree: PyTree) -> PyTree:
 
     def local(x: jax.Array) -> np.ndarray:
         sharding = x.sharding
-        if not isinstance(sharding, NamedSharding):
+        if not isinstance(sharding, NamedSharding) or not isinstance(
+            sharding.mesh, Mesh
+        ):
             raise SpecError(
                 f"local_batch needs arrays with a NamedSharding, got {sharding}."
             )

@@ -141,7 +141,7 @@ def launch(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m eqpar.launch", description=__doc__.splitlines()[0]
+        prog="python -m eqpar.launch", description=(__doc__ or "").splitlines()[0]
     )
     parser.add_argument("-n", "--processes", type=int, required=True)
     parser.add_argument("--local-devices", type=int, default=None)
