@@ -1,0 +1,55 @@
+"""The code in the docs runs: every ```python block of each docs page (a page's
+blocks run in order, in one namespace, like a notebook) and every ```python block in
+the docstrings of eqpar's public names. Blocks fenced as ```py are illustrations
+(e.g. needing several processes) and are not run."""
+
+import inspect
+import pathlib
+import re
+import textwrap
+
+import pytest
+
+import eqpar
+
+
+DOCS = pathlib.Path(__file__).parent.parent / "docs"
+FENCE = re.compile(r"^(?P<indent>[ \t]*)```python[ \t]*\n(?P<body>.*?)^(?P=indent)```",
+                   re.DOTALL | re.MULTILINE)
+
+
+def blocks(text: str) -> list[str]:
+    return [textwrap.dedent(m.group("body")) for m in FENCE.finditer(text)]
+
+
+PAGES = sorted(DOCS.rglob("*.md"))
+PUBLIC = sorted(
+    name for name in dir(eqpar)
+    if not name.startswith("_") and getattr(eqpar, name).__doc__
+    and not inspect.ismodule(getattr(eqpar, name))
+)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+def test_page_code_runs(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    for code in blocks(page.read_text()):
+        exec(compile(code, str(page), "exec"), namespace)
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_docstring_examples_run(name):
+    doc = inspect.getdoc(getattr(eqpar, name)) or ""
+    for code in blocks(doc):
+        exec(compile(code, f"eqpar.{name}", "exec"), {"__name__": f"doc_{name}"})
+
+
+def test_public_names_are_documented():
+    undocumented = [n for n in dir(eqpar) if not n.startswith("_")
+                    and not inspect.ismodule(getattr(eqpar, n))
+                    and not (getattr(eqpar, n).__doc__ or "").strip()]
+    assert not undocumented
+    api = "\n".join(p.read_text() for p in (DOCS / "api").glob("*.md"))
+    missing = [n for n in PUBLIC if f"eqpar.{n}" not in api]
+    assert not missing, f"not in the API reference: {missing}"
