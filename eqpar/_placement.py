@@ -17,7 +17,7 @@ from jaxtyping import PyTree
 
 from ._errors import AxisSizeError, MeshError, SpecError
 from ._shard_map import check_divides, check_spec
-from ._specs import is_array
+from ._specs import broadcast_specs, is_array
 
 
 def data_mesh(axis_name: str = "data", devices: Sequence[Any] | None = None) -> Mesh:
@@ -60,7 +60,8 @@ def filter_device_put(
 
     - `tree`: any pytree; non-array leaves are returned as they are.
     - `spec`: a `PartitionSpec` for every array leaf, or a pytree prefix of `tree`
-        with `PartitionSpec` (or `None`, meaning `P()`) leaves.
+        with `PartitionSpec` (or `None`, meaning `P()`) leaves, or callables
+        `leaf -> PartitionSpec`.
     - `mesh`: the mesh (default: the context mesh).
 
     **Returns:**
@@ -68,33 +69,23 @@ def filter_device_put(
     `tree` with each array leaf a `jax.Array` sharded by `NamedSharding(mesh, spec)`.
     """
     mesh = _mesh_or_context(mesh, "filter_device_put")
-    spec_leaves, spec_def = jtu.tree_flatten(spec, is_leaf=lambda x: x is None)
-    try:
-        subtrees = spec_def.flatten_up_to(tree)
-    except (ValueError, TypeError) as e:
-        raise SpecError(
-            f"The spec {spec!r} is not a pytree prefix of the tree to place, whose "
-            f"structure is {jtu.tree_structure(tree)}. ({e})"
-        ) from None
+    specs = broadcast_specs(spec, tree, "(the tree to place)", "the spec")
+    leaves, treedef = jtu.tree_flatten_with_path(tree)
     placed = []
-    for s, sub in zip(spec_leaves, subtrees):
-        pspec = P() if s is None else s
-        if not isinstance(pspec, P):
-            raise SpecError(f"A placement spec must be a PartitionSpec, got {s!r}.")
-        leaves, sub_def = jtu.tree_flatten_with_path(sub)
-        out = []
-        for path, leaf in leaves:
-            if is_array(leaf):
+    for (path, leaf), s in zip(leaves, specs):
+        if is_array(leaf):
+            pspec = P() if s is None else s
+            if not isinstance(pspec, P):
+                raise SpecError(f"A placement spec must be a PartitionSpec, got {s!r}.")
 
-                def where(path: Any = path) -> str:
-                    return f"the leaf at {jtu.keystr(path) or '(root)'}"
+            def where(path: Any = path) -> str:
+                return f"the leaf at {jtu.keystr(path) or '(root)'}"
 
-                check_spec(pspec, mesh, where, "the spec")
-                check_divides(pspec, tuple(np.shape(leaf)), mesh, where, "the spec")
-                leaf = jax.device_put(leaf, NamedSharding(mesh, pspec))
-            out.append(leaf)
-        placed.append(jtu.tree_unflatten(sub_def, out))
-    return spec_def.unflatten(placed)
+            check_spec(pspec, mesh, where, "the spec")
+            check_divides(pspec, tuple(np.shape(leaf)), mesh, where, "the spec")
+            leaf = jax.device_put(leaf, NamedSharding(mesh, pspec))
+        placed.append(leaf)
+    return jtu.tree_unflatten(treedef, placed)
 
 
 def replicate(tree: PyTree, *, mesh: Mesh | None = None) -> PyTree:

@@ -130,7 +130,7 @@ def _describe_structure(tree: Any) -> str:
     return text if len(text) < 400 else text[:400] + "..."
 
 
-def _broadcast(prefix: Any, tree: Any, name: str, what: str) -> list[Any]:
+def broadcast_specs(prefix: Any, tree: Any, name: str, what: str) -> list[Any]:
     """Per-leaf spec leaves for `tree`, from the spec `prefix` (callables applied to
     array leaves; non-array leaves get `None`)."""
     spec_leaves, spec_def = jtu.tree_flatten(prefix, is_leaf=_is_none)
@@ -203,9 +203,9 @@ def resolve_call_specs(
 
     resolved: list[Any] = [None] * len(jtu.tree_leaves(fun))
     for name, s, arg in zip(pos_names, arg_specs, args):
-        resolved += _broadcast(s, arg, name, what)
+        resolved += broadcast_specs(s, arg, name, what)
     for name in sorted(kwargs):
-        resolved += _broadcast(kw_specs[name], kwargs[name], name, what)
+        resolved += broadcast_specs(kw_specs[name], kwargs[name], name, what)
     return resolved
 
 
@@ -242,7 +242,7 @@ def _fun_name(fun: Callable) -> str:
 
 def resolve_out_specs(spec: Any, out: Any, what: str) -> list[Any]:
     """One resolved spec per leaf of the output `out`."""
-    return _broadcast(spec, out, "(the output)", what)
+    return broadcast_specs(spec, out, "(the output)", what)
 
 
 # ----------------------------------------------------------------------------------

@@ -96,6 +96,33 @@ def image(
     return eqpar.sensor_sum(blurred, axis=0, axis_name=axis_name)
 
 
+def psf_programs(mesh: Any) -> tuple[Callable, Callable]:
+    """`(single, sharded)`: the PSF over depths `z` on one device, and with the
+    depths split over `mesh`'s `"planes"` axis. Both take `(scope, z)`."""
+    single = eqpar.filter_jit(lambda s, z: jax.vmap(s.psf)(z))
+    sharded = eqpar.filter_shard_map(
+        lambda s, z: jax.vmap(s.psf)(z),
+        mesh=mesh,
+        in_specs=(P(), P("planes")),
+        out_specs=P("planes"),
+    )
+    return single, sharded
+
+
+def image_programs(mesh: Any) -> tuple[Callable, Callable]:
+    """`(single, sharded)`: `image` on one device, and with the planes split over
+    `mesh`'s `"planes"` axis. Both take `(scope, volume, z)`; the sharded one returns
+    every device's image, stacked `(devices, h, w)`, to show they are identical."""
+    single = eqpar.filter_jit(image)
+    sharded = eqpar.filter_shard_map(
+        lambda s, v, z: image(s, v, z, axis_name="planes")[None],
+        mesh=mesh,
+        in_specs=(P(), P("planes"), P("planes")),
+        out_specs=P("planes"),
+    )
+    return single, sharded
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -190,26 +217,19 @@ def run(args: argparse.Namespace) -> int:
     volume = jax.random.uniform(key, (planes, args.size, args.size)) ** 8
     mesh = jax.make_mesh((n,), ("planes",))
 
-    single_psf = jax.jit(lambda s, z: jax.vmap(s.psf)(z))
-    sharded_psf = eqpar.filter_shard_map(
-        lambda s, z: jax.vmap(s.psf)(z),
-        mesh=mesh,
-        in_specs=(P(), P("planes")),
-        out_specs=P("planes"),
-    )
+    single_psf, sharded_psf = psf_programs(mesh)
     psf1, t_psf1 = _timed(lambda: single_psf(scope, zs))
     psfn, t_psfn = _timed(lambda: sharded_psf(scope, zs))
     rows.append(("PSF over planes", _rel(psfn, psf1), t_psf1, t_psfn))
 
-    single_image = eqpar.filter_jit(image)
-    sharded_image = eqpar.filter_shard_map(
-        lambda s, v, z: image(s, v, z, axis_name="planes"),
-        mesh=mesh,
-        in_specs=(P(), P("planes"), P("planes")),
-        out_specs=P(),
-    )
+    single_image, sharded_image = image_programs(mesh)
     img1, t_img1 = _timed(lambda: single_image(scope, volume, zs))
-    imgn, t_imgn = _timed(lambda: sharded_image(scope, volume, zs))
+    images, t_imgn = _timed(lambda: sharded_image(scope, volume, zs))
+    imgn = np.asarray(images)
+    if not (imgn == imgn[:1]).all():
+        print("  the devices' images differ!")
+        imgn = imgn + np.inf
+    imgn = imgn[0]
     rows.append(("image (sensor_sum)", _rel(imgn, img1), t_img1, t_imgn))
     _save_pngs(out_dir, np.asarray(psf1), np.asarray(img1))
 

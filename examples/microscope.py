@@ -40,7 +40,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from jaxtyping import Array, Float
 
     import eqpar
-    from eqpar.demo import image, make_microscope, Microscope
+    from eqpar.demo import (
+        image,
+        image_programs,
+        make_microscope,
+        Microscope,
+        psf_programs,
+    )
 
     n = len(devices)
     scope = make_microscope(args.size)
@@ -52,13 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # (a) PSF over depths, split across devices -------------------------------------
     z_psf = jnp.linspace(-4.0, 4.0, args.z_psf)
     mesh = jax.make_mesh((n,), ("planes",), devices=devices)
-    psf_single = eqpar.filter_jit(lambda s, z: jax.vmap(s.psf)(z))
-    psf_sharded = eqpar.filter_shard_map(
-        lambda s, z: jax.vmap(s.psf)(z),
-        mesh=mesh,
-        in_specs=(P(), P("planes")),
-        out_specs=P("planes"),
-    )
+    psf_single, psf_sharded = psf_programs(mesh)
     psf1, t_psf1 = timed(lambda: psf_single(scope, z_psf))
     psfn, t_psfn = timed(lambda: psf_sharded(scope, z_psf))
     psf_err = rel_diff(psfn, psf1)
@@ -72,16 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     zs = jnp.linspace(-4.0, 4.0, planes)
     volume = jax.random.uniform(jax.random.key(0), (planes, args.size, args.size)) ** 8
 
-    def camera(s: Microscope, v: Float[Array, "p h w"], z: Float[Array, " p"]):
-        return image(s, v, z, axis_name="planes")[None]  # one image per device
-
-    image_single = eqpar.filter_jit(image)
-    image_sharded = eqpar.filter_shard_map(
-        camera,
-        mesh=mesh,
-        in_specs=(P(), P("planes"), P("planes")),
-        out_specs=P("planes"),
-    )
+    image_single, image_sharded = image_programs(mesh)
     img1, t_img1 = timed(lambda: image_single(scope, volume, zs))
     imgs, t_imgn = timed(lambda: image_sharded(scope, volume, zs))
     per_device = np.asarray(imgs)
