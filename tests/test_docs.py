@@ -14,8 +14,10 @@ import eqpar
 
 
 DOCS = pathlib.Path(__file__).parent.parent / "docs"
-FENCE = re.compile(r"^(?P<indent>[ \t]*)```python[ \t]*\n(?P<body>.*?)^(?P=indent)```",
-                   re.DOTALL | re.MULTILINE)
+FENCE = re.compile(
+    r"^(?P<indent>[ \t]*)```python[ \t]*\n(?P<body>.*?)^(?P=indent)```",
+    re.DOTALL | re.MULTILINE,
+)
 
 
 def blocks(text: str) -> list[str]:
@@ -24,8 +26,10 @@ def blocks(text: str) -> list[str]:
 
 PAGES = sorted(DOCS.rglob("*.md"))
 PUBLIC = sorted(
-    name for name in dir(eqpar)
-    if not name.startswith("_") and getattr(eqpar, name).__doc__
+    name
+    for name in dir(eqpar)
+    if not name.startswith("_")
+    and getattr(eqpar, name).__doc__
     and not inspect.ismodule(getattr(eqpar, name))
 )
 
@@ -46,9 +50,13 @@ def test_docstring_examples_run(name):
 
 
 def test_public_names_are_documented():
-    undocumented = [n for n in dir(eqpar) if not n.startswith("_")
-                    and not inspect.ismodule(getattr(eqpar, n))
-                    and not (getattr(eqpar, n).__doc__ or "").strip()]
+    undocumented = [
+        n
+        for n in dir(eqpar)
+        if not n.startswith("_")
+        and not inspect.ismodule(getattr(eqpar, n))
+        and not (getattr(eqpar, n).__doc__ or "").strip()
+    ]
     assert not undocumented
     api = "\n".join(p.read_text() for p in (DOCS / "api").glob("*.md"))
     missing = [n for n in PUBLIC if f"eqpar.{n}" not in api]
