@@ -9,24 +9,68 @@ the raw-JAX baseline wants them, so every contender pays dispatch only.
 import argparse
 import datetime
 
+from ._common import Goal, Result
+
 
 def main(argv: list[str] | None = None) -> str:
+    """`python -m benchmarks.dispatch`: this benchmark alone, its report returned."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--devices", type=int, default=8)
     args = parser.parse_args(argv)
 
-    from ._common import interleaved, machine, setup_devices, summary
+    from ._common import machine, setup_devices
 
     setup_devices(args.devices)
+    lines, _, _ = measure(args.calls, args.rounds)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    report = (
+        f"## Dispatch ({stamp})\n\n{machine()}\n\n"
+        f"Command: `python -m benchmarks.dispatch --calls {args.calls} --rounds "
+        f"{args.rounds} --devices {args.devices}`\n" + "\n".join(lines) + "\n"
+    )
+    print(report)
+    return report
 
+
+def run(quick: bool = False) -> Result:
+    """For the suite runner (`python -m benchmarks`), devices already set up."""
+    calls, rounds = (200, 3) if quick else (2000, 15)
+    lines, goals, samples = measure(calls, rounds)
+    body = (
+        f"Small MLP (32 -> 64 -> 64 -> 32), batch 64; {calls} calls x {rounds} "
+        "interleaved rounds; median µs per call (min-max over rounds).\n"
+        + "\n".join(lines).replace("\n### ", "\n#### ")
+    )
+
+    def plot(fig: object) -> None:
+        import statistics
+
+        axes = fig.subplots(1, len(samples))  # type: ignore[attr-defined]
+        for ax, (title, by_name) in zip(axes, samples.items()):
+            names = list(by_name)
+            meds = [statistics.median(by_name[k]) * 1e6 for k in names]
+            ax.barh(names, meds)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("µs per call")
+            ax.tick_params(axis="y", labelsize=7)
+
+    return Result("dispatch", "per-call dispatch of a small MLP", body, goals, plot)
+
+
+def measure(
+    calls: int, rounds: int
+) -> tuple[list[str], list[Goal], dict[str, dict[str, list[float]]]]:
+    """The markdown lines, the goals and the samples {group: {contender: [s]}}."""
     import equinox as eqx
     import jax
     import jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
     import eqpar
+
+    from ._common import interleaved, ratio_goal, summary
 
     n = jax.device_count()
     batch = 64
@@ -98,10 +142,13 @@ def main(argv: list[str] | None = None) -> str:
         "eqpar.filter_shard_map": [("jax.jit(jax.shard_map)", 1.15)],
     }
     lines = []
+    goal_list: list[Goal] = []
+    all_samples: dict[str, dict[str, list[float]]] = {}
     for title, fns in groups.items():
         samples = interleaved(
-            fns, calls=args.calls, rounds=args.rounds, block=jax.block_until_ready
+            fns, calls=calls, rounds=rounds, block=jax.block_until_ready
         )
+        all_samples[title] = samples
         stats = {k: summary(v) for k, v in samples.items()}
         lines.append(f"\n### {title}\n")
         lines.append("| contender | median µs/call | min-max over rounds |")
@@ -122,14 +169,15 @@ def main(argv: list[str] | None = None) -> str:
                     f"\n{name} / {base}: **{med:.2f}x** (rounds {ratios[0]:.2f}-"
                     f"{ratios[-1]:.2f}); goal <= {goal}x: {verdict}"
                 )
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    report = (
-        f"## Dispatch ({stamp})\n\n{machine()}\n\n"
-        f"Command: `python -m benchmarks.dispatch --calls {args.calls} --rounds "
-        f"{args.rounds} --devices {args.devices}`\n" + "\n".join(lines) + "\n"
-    )
-    print(report)
-    return report
+                goal_list.append(
+                    ratio_goal(
+                        f"{title}: {name} / {base}",
+                        samples[name],
+                        samples[base],
+                        at_most=goal,
+                    )
+                )
+    return lines, goal_list, all_samples
 
 
 if __name__ == "__main__":
