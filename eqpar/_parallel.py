@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
+from ._collectives import varying_axes
 from ._dispatch import Compiled, Transformed
 from ._errors import AxisSizeError, MeshError, SpecError
 from ._shard_map import check_context_mesh, match_explicit
@@ -123,21 +124,20 @@ def _parallel_run(
         f, a, k = jtu.tree_unflatten(treedef, new)
         out = f(*a, **k)
         out_leaves, out_def = jtu.tree_flatten(out)
-        arrays = []
-        signature = []
+        arrays, leaf_specs, stacked, signature = [], [], [], []
         for leaf in out_leaves:
             if is_array(leaf):
-                leaf = jnp.asarray(leaf)
-                if reduce == "concat":
-                    _check_concat(leaf, total // devices, pad)
-                else:
-                    leaf = leaf[None]
+                leaf, spec, is_stacked = _per_device_output(
+                    jnp.asarray(leaf), reduce, axis_name, total // devices, pad
+                )
                 arrays.append(leaf)
+                leaf_specs.append(spec)
+                stacked.append(is_stacked)
                 signature.append(None)
             else:
                 signature.append(leaf)
-        out_specs[:] = [P(axis_name)] * len(arrays)
-        structure[:] = [out_def, signature]
+        out_specs[:] = leaf_specs
+        structure[:] = [out_def, signature, stacked]
         return arrays
 
     check_context_mesh(mesh, "Parallel")
@@ -145,19 +145,43 @@ def _parallel_run(
     outs = jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs)(
         *inputs
     )
+    out_def, signature, stacked = structure
     if reduce == "concat":
         if pad:  # an Explicit axis cannot be sliced unevenly: gather, then trim
             outs = [match_explicit(mesh, [x], [P()])[0][:size] for x in outs]
-    elif reduce is None:
-        pass
-    elif isinstance(reduce, str):
-        outs = [_STACKED[reduce](x) for x in outs]
-    else:
-        outs = [reduce(x) for x in outs]
-    out_def, signature = structure
+    elif reduce is not None:
+        # A stack left to reduce here: gather it first (an Explicit axis cannot be
+        # indexed or handed to an arbitrary callable while sharded).
+        fn = _STACKED[reduce] if isinstance(reduce, str) else reduce
+        outs = [
+            fn(match_explicit(mesh, [x], [P()])[0]) if s else x
+            for x, s in zip(outs, stacked)
+        ]
     it = iter(outs)
     out = jtu.tree_unflatten(out_def, [next(it) if s is None else s for s in signature])
     return out, shardings
+
+
+def _per_device_output(
+    leaf: Any, reduce: ParallelReduce, axis_name: Hashable, per_device: int, pad: int
+) -> tuple[Any, P, bool]:
+    """One output leaf inside the per-device body: the value to return, its out_spec,
+    and whether it comes back as a `(devices, ...)` stack still to be reduced.
+
+    "first" and "mean" of a value every device holds identically (invariant over
+    the axis, e.g. after `pmean`) is that value: it leaves each device as it is, with
+    no stack to build or communicate. A varying value is averaged in place with one
+    all-reduce ("mean"), or stacked for device 0's to be taken ("first").
+    """
+    if reduce == "concat":
+        _check_concat(leaf, per_device, pad)
+        return leaf, P(axis_name), False
+    if reduce in ("first", "mean"):
+        if axis_name not in varying_axes(leaf):
+            return leaf, P(), False
+        if reduce == "mean" and jnp.issubdtype(leaf.dtype, jnp.inexact):
+            return jax.lax.pmean(leaf, axis_name), P(), False
+    return leaf[None], P(axis_name), True
 
 
 def _check_concat(leaf: Any, per_device: int, pad: int) -> None:
@@ -196,7 +220,10 @@ class Parallel(eqx.Module):
             A batch that does not divide over the devices is padded (repeating the
             last example) and the padding trimmed.
         - `None`: stacked per device, `(devices, per_device, ...)`.
-        - `"first"`: device 0's output; `"mean"`: the mean over devices.
+        - `"first"`: device 0's output; `"mean"`: the mean over devices. An
+            output every device already holds alike (e.g. `pmean`-ed gradients or
+            updated parameters) comes back as it is, with no stack built or moved:
+            the cheap way to return a replicated model.
         - a callable applied to each output's `(devices, ...)` stack.
         These last four need a batch that divides (pad it with `eqpar.pad_batch`).
     - `axis_name`: the device axis name, for collectives inside `fun`.

@@ -108,12 +108,28 @@ _REDUCTIONS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def _is_copies(x: Any, sharding: jax.sharding.Sharding) -> bool:
+    """Whether `x` is a copy per device (as `replicate` makes) rather than a stack
+    with a leading device axis.
+
+    Replicated over several devices, it is a copy. On one device the two can look
+    alike (JAX drops the spec of a size-1 mesh axis, so a 1-device `filter_pmap`
+    output is a replicated `(1, ...)` array too), but a device axis there has size
+    1: an array placed on a mesh whose leading axis is not 1 (or a scalar) is a
+    copy, and one with a leading 1 is read as the device axis (Objax's semantics).
+    """
+    if not sharding.is_fully_replicated:
+        return False
+    if len(sharding.device_set) > 1:
+        return True
+    return isinstance(sharding, NamedSharding) and (x.ndim == 0 or x.shape[0] != 1)
+
+
 def _per_device(x: Any, where: str) -> Any:
     """`x` as a stack of per-device values along axis 0."""
     sharding = getattr(x, "sharding", None)
-    if sharding is not None and len(sharding.device_set) > 1:
-        if sharding.is_fully_replicated:  # one copy per device
-            return jnp.broadcast_to(x, (len(sharding.device_set), *x.shape))
+    if sharding is not None and _is_copies(x, sharding):  # one copy per device
+        return jnp.broadcast_to(x, (len(sharding.device_set), *x.shape))
     if np.ndim(x) == 0:
         raise SpecError(
             f"unreplicate got {where}, a scalar with no device axis. It expects per-"
@@ -131,7 +147,9 @@ def unreplicate(tree: PyTree, reduce: Reduce = "first") -> PyTree:
 
     - `tree`: a pytree whose array leaves hold per-device values: a leading device
         axis, or a copy on each device (an array replicated with
-        [`eqpar.replicate`][]). Non-array leaves pass through.
+        [`eqpar.replicate`][]). Non-array leaves pass through. On one device,
+        where the two look alike, an array placed on a mesh counts as a copy
+        unless its leading axis has size 1 (a one-device axis).
     - `reduce`: `"first"` (device 0's value, dtype kept), `"mean"` (a float mean),
         `"sum"`, `"stack"` (the per-device values stacked on a leading axis) or a
         callable applied to each leaf's `(devices, ...)` stack.

@@ -175,3 +175,38 @@ def test_unknown_reduce_and_axis():
         eqpar.Parallel(lambda x: x, reduce="median")
     with pytest.raises(eqpar.MeshError, match="'devices'.*\\('data',\\)"):
         eqpar.Parallel(lambda x: x, mesh=eqpar.data_mesh())
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
+def test_reductions_on_either_mesh_type(linear, getkey, explicit):
+    """Every reduce works on an Auto mesh and on eqpar.data_mesh (Explicit axes),
+    for per-device (varying) outputs and for outputs every device holds alike."""
+    mesh = (
+        eqpar.data_mesh("devices")
+        if explicit
+        else jax.make_mesh((8,), ("devices",), (jax.sharding.AxisType.Auto,))
+    )
+    x = jax.random.normal(getkey(), (32, 3))
+    per_device = jax.vmap(linear)(x).reshape(8, 4, 4)
+
+    def f(model, x):
+        y = jax.vmap(model)(x)
+        return y, eqpar.pmean(y.sum(0), "devices"), jnp.int32(3)
+
+    same = per_device.sum(1).mean(0)
+    expected = {
+        "first": (per_device[0], same, jnp.int32(3)),
+        "mean": (per_device.mean(0), same, jnp.int32(3)),
+        None: (per_device, jnp.broadcast_to(same, (8, 4)), jnp.full(8, 3, jnp.int32)),
+        "max": (per_device.max(0), same, jnp.int32(3)),
+    }
+    for name, want in expected.items():
+        reduce = (lambda y: y.max(0)) if name == "max" else name
+        run = eqpar.Parallel(f, reduce=reduce, in_axes=(None, 0), mesh=mesh)
+        assert_tree_allclose(run(linear, x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_integer_outputs_mean_like_jnp_mean():
+    x = jnp.arange(16, dtype=jnp.int32).reshape(16, 1)
+    out = eqpar.Parallel(lambda x: x.sum(), reduce="mean")(x)
+    assert_tree_allclose(out, jnp.mean(x.reshape(8, 2).sum(1)))

@@ -55,6 +55,25 @@ def test_replicate_then_unreplicate_objax_table():
     )
 
 
+@pytest.mark.parametrize("devices", [1, 2, 8])
+def test_round_trip_on_any_device_count(devices):
+    """On a 1-device mesh a copy's own axis 0 is not taken for the device axis,
+    while a 1-device filter_pmap output's (of size 1) is."""
+    mesh = eqpar.data_mesh(devices=jax.devices()[:devices])
+    x = jnp.arange(6).reshape(3, 2)
+    r = eqpar.replicate(x, mesh=mesh)
+    np.testing.assert_array_equal(eqpar.unreplicate(r), x)
+    np.testing.assert_array_equal(eqpar.unreplicate(r, "sum"), x * devices)
+    assert eqpar.unreplicate(r, "stack").shape == (devices, 3, 2)
+    scalar = eqpar.replicate(jnp.float32(1.5), mesh=mesh)
+    assert eqpar.unreplicate(scalar, "sum") == 1.5 * devices
+    stacked = eqpar.filter_pmap(lambda v: v * 2, axis_size=devices)(jnp.arange(devices))
+    np.testing.assert_array_equal(
+        eqpar.unreplicate(stacked, "stack"), 2 * np.arange(devices)
+    )
+    assert eqpar.unreplicate(stacked) == 0
+
+
 def test_unreplicate_per_device_outputs_with_mixed_reductions():
     stacked = eqpar.filter_pmap(lambda x: {"v": x * 2, "name": "n"})(jnp.arange(8.0))
     assert eqpar.unreplicate(stacked)["v"] == 0.0
