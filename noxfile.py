@@ -16,7 +16,9 @@ def tests(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     session.install("-e", ".[lint,test,examples]")
-    session.run("ruff", "check", "eqpar", "tests", "examples", "benchmarks", "noxfile.py")
+    session.run(
+        "ruff", "check", "eqpar", "tests", "examples", "benchmarks", "noxfile.py"
+    )
     session.run("pyright", "eqpar")
 
 

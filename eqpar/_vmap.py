@@ -224,7 +224,9 @@ def filter_vmap(
         (`eqpar.psum(x, axis_name)` etc.) inside `fun`.
     - `axis_size`: the mapped size; needed only when no argument is mapped.
     - `chunk_size`: map `chunk_size` elements at a time (a `lax.map` over vmapped
-        chunks) so that only one chunk's intermediates are alive; same result. Cannot
+        chunks) so that only one chunk's intermediates are alive; same result. A
+        `chunk_size` that does not divide the mapped size maps the remainder
+        separately and concatenates, costing one extra copy of the output. Cannot
         be combined with `axis_name`, since a collective needs the whole axis at once.
 
     **Returns:**
