@@ -126,12 +126,13 @@ def measure(
     compiled_jit = eqpar_jit._compiled  # noqa: SLF001 (a benchmark looks inside)
     fun_jit = eqpar_jit.__wrapped__
     eqpar_jit(model, x)
-    (entry,) = compiled_jit._cache.values()  # noqa: SLF001
+    (plan,) = compiled_jit._plans.values()  # noqa: SLF001
+    (entry,) = plan.entries.values()
     jitted = entry.jitted
 
     def floor() -> object:
         leaves, _ = jax.tree_util.tree_flatten((fun_jit, (model, x), {}))
-        return jitted([leaf for leaf in leaves if eqx.is_array(leaf)])
+        return jitted(tuple(leaf for leaf in leaves if eqx.is_array(leaf)))
 
     groups = {
         "filter_vmap in a compiled call": {

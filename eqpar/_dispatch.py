@@ -15,7 +15,8 @@ all happen inside the body, i.e. once per trace, never on the hot path. `jax.jit
 own cache then keys on shapes and dtypes.
 """
 
-from collections.abc import Callable, Hashable
+import operator
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal
 
 import equinox as eqx
@@ -58,7 +59,7 @@ def _hashable(x: Any) -> Any:
     return x
 
 
-def _avals(arrays: list[Any]) -> tuple:
+def _avals(arrays: Sequence[Any]) -> tuple:
     return tuple((x.shape, x.dtype) for x in arrays)
 
 
@@ -75,7 +76,7 @@ class _Entry:
     __slots__ = ("jitted", "out", "by_avals", "first_avals", "placements")
 
     def __init__(self) -> None:
-        self.jitted: Callable[[list[Any]], list[Any]] = _unset
+        self.jitted: Callable[[tuple[Any, ...]], list[Any]] = _unset
         self.out: tuple[Any, tuple, bool] | None = None
         self.first_avals: tuple | None = None
         # Non-array outputs that differ between traces (they depend on shapes) are
@@ -84,7 +85,7 @@ class _Entry:
         self.placements: dict[tuple, list[Any]] = {}
 
     def record(
-        self, treedef: Any, signature: list[Any], arrays: list[Any], shardings: Any
+        self, treedef: Any, signature: list[Any], arrays: Sequence[Any], shardings: Any
     ) -> None:
         avals = _avals(arrays)
         if shardings is not None:
@@ -99,7 +100,7 @@ class _Entry:
             assert self.first_avals is not None
             self.by_avals = {self.first_avals: self.out, avals: out}
 
-    def rebuild(self, out_arrays: list[Any], in_arrays: list[Any]) -> Any:
+    def rebuild(self, out_arrays: list[Any], in_arrays: Sequence[Any]) -> Any:
         out = self.out if self.by_avals is None else self.by_avals[_avals(in_arrays)]
         assert out is not None
         treedef, signature, all_dynamic = out
@@ -107,7 +108,7 @@ class _Entry:
             return jtu.tree_unflatten(treedef, out_arrays)
         return jtu.tree_unflatten(treedef, merge_leaves(signature, out_arrays))
 
-    def place(self, arrays: list[Any]) -> list[Any] | None:
+    def place(self, arrays: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """Inputs moved to where the compiled program wants them, or `None` when
         they already are there (so a failure had another cause)."""
         shardings = self.placements.get(_avals(arrays))
@@ -122,14 +123,47 @@ class _Entry:
             return None
         if any(isinstance(x, jax.core.Tracer) for x in arrays):
             return None
-        return jax.device_put(arrays, shardings)
+        return tuple(jax.device_put(list(arrays), shardings))
 
 
-def _unset(_: list[Any]) -> list[Any]:
+def _unset(_: tuple[Any, ...]) -> list[Any]:
     raise AssertionError("unreachable: entry used before it was compiled")
 
 
 Donate = Literal["none", "all"]
+
+
+class _Plan:
+    """One tree structure with one leaf type per position: which leaves are arrays
+    is then fixed (array-ness is a property of the type), so picking the arrays and
+    the static leaves out of a call is two `itemgetter`s, with no Python loop over
+    the leaves. Under it, one `_Entry` per (context, static values)."""
+
+    __slots__ = ("array_idx", "arrays", "statics", "entries", "slow")
+
+    def __init__(self, leaves: list[Any]):
+        is_dynamic = [s is DYNAMIC for s in split_leaves(leaves)[1]]
+        self.array_idx = [i for i, d in enumerate(is_dynamic) if d]
+        self.arrays = _getter([i for i, d in enumerate(is_dynamic) if d])
+        self.statics = _getter([i for i, d in enumerate(is_dynamic) if not d])
+        self.entries: dict[Hashable, _Entry] = {}
+        self.slow: list[tuple[Any, _Entry]] = []  # static values that cannot be hashed
+
+    def signature(self, leaves: list[Any]) -> list[Any]:
+        signature = list(leaves)
+        for i in self.array_idx:
+            signature[i] = DYNAMIC
+        return signature
+
+
+def _getter(idx: list[int]) -> Callable[[list[Any]], tuple]:
+    """`leaves -> tuple(leaves[i] for i in idx)`, at C speed."""
+    if len(idx) >= 2:
+        return operator.itemgetter(*idx)
+    if len(idx) == 1:
+        (i,) = idx
+        return lambda leaves: (leaves[i],)
+    return lambda leaves: ()
 
 
 class Compiled:
@@ -151,24 +185,34 @@ class Compiled:
         self._run = run
         self._context_fn = context_fn
         self._donate = donate
-        self._cache: dict[Hashable, _Entry] = {}
-        self._slow: list[tuple[Any, _Entry]] = []  # signatures that cannot be hashed
+        # (tree structure, leaf types) -> plan; types too, because 1, 1.0 and True
+        # are equal and hash alike but trace differently.
+        self._plans: dict[Hashable, _Plan] = {}
+        self._slow_plans: list[tuple[Any, _Plan]] = []  # structures that cannot hash
 
     def __call__(self, fun: Any, args: tuple, kwargs: dict) -> Any:
-        # The hot path: one flatten, one pass over the leaves, one dict lookup, one
-        # call of the compiled function. Keep it that way (benchmarks/dispatch.py).
+        # The hot path: one flatten, a tuple of the leaves' types, two dict lookups,
+        # two itemgetters and one call of the compiled function; no Python loop over
+        # the leaves. Keep it that way (benchmarks/dispatch*.py).
         leaves, treedef = _flatten((fun, args, kwargs))
-        arrays, signature = split_leaves(leaves)
-        context = None if self._context_fn is None else self._context_fn()
-        sig = tuple(signature)
-        # Types too: 1, 1.0 and True are equal and hash alike, but trace differently.
-        key = (treedef, context, sig, tuple(map(type, sig)))
+        shape = (treedef, tuple(map(type, leaves)))
         try:
-            entry = self._cache[key]
+            plan = self._plans[shape]
         except KeyError:
-            entry = self._cache[key] = self._new_entry(treedef, signature, context)
+            plan = self._plans[shape] = _Plan(leaves)
         except TypeError:
-            entry = self._slow_lookup(key, treedef, signature, context)
+            plan = self._slow_plan(shape, leaves)
+        arrays = plan.arrays(leaves)
+        key = (
+            None if self._context_fn is None else self._context_fn(),
+            plan.statics(leaves),
+        )
+        try:
+            entry = plan.entries[key]
+        except KeyError:
+            entry = plan.entries[key] = self._new_entry(treedef, plan, leaves, key[0])
+        except TypeError:
+            entry = self._slow_entry(plan, key, treedef, leaves)
         try:
             out_arrays = entry.jitted(arrays)
         except Exception:
@@ -179,23 +223,34 @@ class Compiled:
             out_arrays = entry.jitted(arrays)
         return entry.rebuild(out_arrays, arrays)
 
-    def _slow_lookup(
-        self, key: tuple, treedef: Any, signature: list[Any], context: Any
+    def _slow_plan(self, shape: tuple, leaves: list[Any]) -> _Plan:
+        for k, plan in self._slow_plans:
+            if _same(k, shape):
+                return plan
+        plan = _Plan(leaves)
+        self._slow_plans.append((shape, plan))
+        return plan
+
+    def _slow_entry(
+        self, plan: _Plan, key: tuple, treedef: Any, leaves: list[Any]
     ) -> _Entry:
-        treedef_, context_, sig, types = key
-        slow_key = (treedef_, context_, tuple(map(_hashable, sig)), types)
-        for k, entry in self._slow:
+        context, statics = key
+        slow_key = (context, tuple(map(_hashable, statics)))
+        for k, entry in plan.slow:
             if _same(k, slow_key):
                 return entry
-        entry = self._new_entry(treedef, signature, context)
-        self._slow.append((slow_key, entry))
+        entry = self._new_entry(treedef, plan, leaves, context)
+        plan.slow.append((slow_key, entry))
         return entry
 
-    def _new_entry(self, treedef: Any, signature: list[Any], context: Any) -> _Entry:
+    def _new_entry(
+        self, treedef: Any, plan: _Plan, leaves: list[Any], context: Any
+    ) -> _Entry:
         entry = _Entry()
         run = self._run
+        signature = plan.signature(leaves)
 
-        def body(arrays: list[Any]) -> list[Any]:
+        def body(arrays: tuple[Any, ...]) -> list[Any]:
             fun, args, kwargs = jtu.tree_unflatten(
                 treedef, merge_leaves(signature, arrays)
             )

@@ -40,6 +40,38 @@ def test_unhashable_static_leaf_is_keyed_by_identity():
     assert_tree_allclose(f(jnp.ones(2), Config(5)), 5 * jnp.ones(2))
 
 
+def test_unhashable_static_field_in_the_tree_structure():
+    """A Module static field that cannot be hashed (a list) makes the tree
+    structure itself unhashable: compared by value instead, equal lists share a
+    trace and a changed list gets its own."""
+
+    class Layers(eqx.Module):
+        w: jax.Array
+        sizes: list = eqx.field(static=True)
+
+    counter = TraceCounter(lambda m, x: m.w * x + len(m.sizes))
+    f = eqpar.filter_jit(counter)
+    x = jnp.ones(3)
+    assert_tree_allclose(f(Layers(jnp.ones(3), [1, 2]), x), jnp.full(3, 3.0))
+    assert_tree_allclose(f(Layers(jnp.zeros(3), [1, 2]), x), jnp.full(3, 2.0))
+    assert counter.count == 1
+    assert_tree_allclose(f(Layers(jnp.ones(3), [1, 2, 3]), x), jnp.full(3, 4.0))
+    assert counter.count == 2
+
+
+def test_a_leaf_changing_kind_changes_the_signature():
+    """The same tree structure with an array where a number was (or the reverse)
+    is another signature: the number static, the array traced."""
+    counter = TraceCounter(lambda x, k: x * k)
+    f = eqpar.filter_jit(counter)
+    x = jnp.ones(2)
+    assert_tree_allclose(f(x, 2.0), 2 * x)
+    assert_tree_allclose(f(x, jnp.float32(3.0)), 3 * x)
+    assert_tree_allclose(f(x, jnp.float32(4.0)), 4 * x)  # traced: no new trace
+    assert_tree_allclose(f(x, 2.0), 2 * x)
+    assert counter.count == 2
+
+
 def test_static_outputs_that_depend_on_shapes():
     f = eqpar.filter_jit(lambda x: (x * 2, x.shape[0]))
     assert f(jnp.ones(3))[1] == 3
