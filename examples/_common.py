@@ -70,3 +70,20 @@ def report(checks: dict[str, bool]) -> None:
     print()
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else 'FAILED'}] {name}")
+
+
+def finish(results: dict[str, Any], checks: dict[str, bool], t0: float) -> dict:
+    """Prints the total time and the checks; `results` with the checks added."""
+    print(f"\n(total {time.perf_counter() - t0:.1f} s)")
+    report(checks)
+    results["checks"] = checks
+    return results
+
+
+def save_figure(fig: Any, path: pathlib.Path, dpi: int = 100) -> pathlib.Path:
+    """Saves a matplotlib figure and closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

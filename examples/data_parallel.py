@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import parser, rel_diff, report, setup_devices
-from jax.sharding import AxisType
+from _common import finish, parser, rel_diff, setup_devices
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 import eqpar
@@ -424,9 +423,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     devices = setup_devices(args.devices)
     n = len(devices)
-    # An Auto axis: Parallel(reduce="first") on eqpar.data_mesh's Explicit axis
-    # cannot take device 0's slice of the output stack (see the report).
-    mesh = jax.make_mesh((n,), (AXIS,), devices=devices, axis_types=(AxisType.Auto,))
+    mesh = eqpar.data_mesh(AXIS, devices)
     print(
         f"data parallelism on {n} {devices[0].platform.upper()} devices "
         f"(jax {jax.__version__})\n"
@@ -444,10 +441,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = part()
         checks.update(out.pop("checks"))
         results.update(out)
-    print(f"\n(total {time.perf_counter() - t0:.1f} s)")
-    report(checks)
-    results["checks"] = checks
-    return results
+    return finish(results, checks, t0)
 
 
 if __name__ == "__main__":

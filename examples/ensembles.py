@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import out_dir, parser, report, setup_devices
+from _common import out_dir, parser, report, save_figure, setup_devices
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 import eqpar
@@ -397,9 +397,8 @@ def _plot(
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path = out / "ensemble.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    saved = save_figure(fig, path, dpi=100)
+    return str(saved)
 
 
 if __name__ == "__main__":

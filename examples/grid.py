@@ -32,7 +32,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import out_dir, parser, rel_diff, report, setup_devices, timed
+from _common import (
+    out_dir,
+    parser,
+    rel_diff,
+    report,
+    save_figure,
+    setup_devices,
+    timed,
+)
 from jaxtyping import Array, Float
 
 import eqpar
@@ -332,9 +340,8 @@ def _plot(out: Any, z: np.ndarray, n: int, memory: dict[str, dict[str, int]]) ->
     ax1.legend()
     fig.tight_layout()
     path = out / "grid.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    saved = save_figure(fig, path, dpi=100)
+    return str(saved)
 
 
 if __name__ == "__main__":

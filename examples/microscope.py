@@ -20,7 +20,15 @@ Optics from the guide: wavelength 0.532 µm, n = 1.33, NA = 0.8, pupil sampling
 
 from typing import Any
 
-from _common import out_dir, parser, rel_diff, report, setup_devices, timed
+from _common import (
+    out_dir,
+    parser,
+    rel_diff,
+    report,
+    save_figure,
+    setup_devices,
+    timed,
+)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -194,9 +202,8 @@ def _plot(folder: Any, psf: Any, img: Any, step: Any) -> Any:
         ax.set_axis_off()
     fig.tight_layout()
     path = folder / "microscope.png"
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
-    return path
+    saved = save_figure(fig, path, dpi=72)
+    return saved
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import parser, rel_diff, report, setup_devices, timed
+from _common import finish, parser, rel_diff, setup_devices, timed
 from jax.sharding import Mesh, PartitionSpec as P
 from jaxtyping import Array, Float
 
@@ -301,10 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for i in v.get("devices_used", [])
     }
     checks["only the devices asked for are used"] = used == set(results["device_ids"])
-    print(f"\n(total {time.perf_counter() - t0:.1f} s)")
-    report(checks)
-    results["checks"] = checks
-    return results
+    return finish(results, checks, t0)
 
 
 if __name__ == "__main__":
