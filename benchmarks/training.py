@@ -56,7 +56,9 @@ def loss_fn(model: eqx.nn.MLP, x: Float[Array, "b 32"], y: Int[Array, " b"]) -> 
 
 
 def run(quick: bool = False) -> Result:
-    steps, rounds = (5, 4) if quick else (50, 14)
+    # Many short rounds: on a shared 2-core machine a round varies by +-30%, and
+    # the median of per-round ratios needs ~40 rounds to resolve 5%.
+    steps, rounds = (5, 4) if quick else (30, 40)
     devices = jax.device_count()
     kx, ky, km = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (BATCH, 32))

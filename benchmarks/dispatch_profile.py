@@ -1,0 +1,98 @@
+"""Where a `filter_jit` call's time goes, piece by piece: the profile behind the
+dispatch goals that are not met.
+
+    python -m benchmarks.dispatch_profile [--leaves 10 1000] [--calls 20000]
+
+Each piece of eqpar's hot path (`eqpar/_dispatch.py`, `Compiled.__call__`) is timed
+on its own with `timeit` (best of 5 repeats, µs per call), beside the raw
+`jax.jit` call it is compared with. Single pieces are timed without the async
+backlog that the interleaved benchmarks include, so their sum is a lower bound.
+"""
+
+import argparse
+import timeit
+from collections.abc import Callable
+from typing import Any
+
+
+def pieces(leaves_count: int) -> dict[str, Callable[[], Any]]:
+    """{piece: call} for a Module of `leaves_count` leaves (dispatch_scale's)."""
+    import jax
+    import jax.numpy as jnp
+    import jax.tree_util as jtu
+
+    import eqpar
+
+    from .dispatch_scale import apply, make, per_device
+
+    model = make(leaves_count)
+    flat, treedef = jtu.tree_flatten(model)
+    x = jnp.linspace(-1.0, 1.0, 64, dtype=jnp.float32).reshape(16, 4)
+    raw = jax.jit(lambda ls, x: per_device(jtu.tree_unflatten(treedef, ls), x))
+    wrapped = eqpar.filter_jit(
+        lambda m, x: eqpar.filter_vmap(apply, in_axes=(None, 0))(m, x)
+    )
+    raw(flat, x)
+    wrapped(model, x)
+    compiled = wrapped._compiled  # noqa: SLF001 (a profile looks inside)
+    fun = wrapped.__wrapped__
+    (plan,) = compiled._plans.values()  # noqa: SLF001
+    (entry,) = plan.entries.values()
+    leaves, tree = jtu.tree_flatten((fun, (model, x), {}))
+    shape = (tree, tuple(map(type, leaves)))
+    arrays = plan.arrays(leaves)
+    key = (None, plan.statics(leaves))
+    outs = entry.jitted(arrays)
+    return {
+        "raw jax.jit on the flat leaves": lambda: raw(flat, x),
+        "eqpar.filter_jit call (all of it)": lambda: wrapped(model, x),
+        "part: flatten (fun, args, kwargs)": lambda: jtu.tree_flatten(
+            (fun, (model, x), {})
+        ),
+        "part: leaf types tuple": lambda: tuple(map(type, leaves)),
+        "part: plan lookup (structure, types)": lambda: compiled._plans[shape],  # noqa: SLF001
+        "part: pick arrays (itemgetter)": lambda: plan.arrays(leaves),
+        "part: pick statics (itemgetter)": lambda: plan.statics(leaves),
+        "part: entry lookup (context, statics)": lambda: plan.entries[key],
+        "part: jax.jit call on the array tuple": lambda: entry.jitted(arrays),
+        "part: rebuild the output": lambda: entry.rebuild(outs, arrays),
+    }
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--leaves", type=int, nargs="+", default=[10, 1000])
+    parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--devices", type=int, default=8)
+    args = parser.parse_args(argv)
+
+    from ._common import machine, setup_devices, table
+
+    setup_devices(args.devices)
+    by_size = {n: pieces(n) for n in args.leaves}
+    rows = []
+    for name in by_size[args.leaves[0]]:
+        row = [name]
+        for n in args.leaves:
+            calls = max(args.calls * 10 // (10 + n), 200)
+            best = min(timeit.repeat(by_size[n][name], number=calls, repeat=5))
+            row.append(f"{best / calls * 1e6:.2f}")
+        rows.append(row)
+    command = "python -m benchmarks.dispatch_profile " + " ".join(
+        ["--leaves", *map(str, args.leaves), "--calls", str(args.calls)]
+    )
+    report = (
+        f"## Dispatch profile\n\n{machine()}\n\nCommand: `{command}`\n\n"
+        + table(
+            ["piece", *(f"{n} leaves µs" for n in args.leaves)],
+            rows,
+            "l" + "r" * len(args.leaves),
+        )
+        + "\n"
+    )
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
