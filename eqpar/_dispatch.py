@@ -3,12 +3,13 @@
 The other half of eqpar's one mechanism. Every eqpar transform is a `Transformed`
 module holding the user's function and a `Compiled` dispatcher. A call:
 
-1. flattens `(fun, args, kwargs)` once and splits the leaves into arrays and a
-   *signature* (the leaves with each array replaced by a marker);
-2. looks the signature (plus the tree structure and a backend context, such as the
-   mesh) up in a dict: a hit gives a `jax.jit` of a body that takes only the arrays;
-3. calls it with the list of arrays and rebuilds the output from the arrays it returns
-   and the non-array output leaves recorded when the body was traced.
+1. flattens `(fun, args, kwargs)` once and looks the tree structure and the leaves'
+   types up in a dict: a *plan* that says which leaves are arrays;
+2. picks the arrays and the static leaves out with the plan, and looks the static
+   values (plus a backend context, such as the mesh) up in the plan's dict: a hit
+   gives a `jax.jit` of a body that takes only the arrays;
+3. calls it with the tuple of arrays and rebuilds the output from the arrays it
+   returns and the non-array output leaves recorded when the body was traced.
 
 Spec resolution, error checks and the backend transform (`jax.vmap`, `jax.shard_map`)
 all happen inside the body, i.e. once per trace, never on the hot path. `jax.jit`'s
@@ -24,7 +25,7 @@ import jax
 import jax.core
 import jax.tree_util as jtu
 
-from ._specs import DYNAMIC, merge_leaves, split_leaves
+from ._specs import DYNAMIC, is_array, merge_leaves, split_leaves
 
 
 # A backend's run: traced once per signature and shapes. Returns the output pytree
@@ -142,10 +143,10 @@ class _Plan:
     __slots__ = ("array_idx", "arrays", "statics", "entries", "slow")
 
     def __init__(self, leaves: list[Any]):
-        is_dynamic = [s is DYNAMIC for s in split_leaves(leaves)[1]]
-        self.array_idx = [i for i, d in enumerate(is_dynamic) if d]
-        self.arrays = _getter([i for i, d in enumerate(is_dynamic) if d])
-        self.statics = _getter([i for i, d in enumerate(is_dynamic) if not d])
+        self.array_idx = [i for i, leaf in enumerate(leaves) if is_array(leaf)]
+        arrays = set(self.array_idx)
+        self.arrays = _getter(self.array_idx)
+        self.statics = _getter([i for i in range(len(leaves)) if i not in arrays])
         self.entries: dict[Hashable, _Entry] = {}
         self.slow: list[tuple[Any, _Entry]] = []  # static values that cannot be hashed
 

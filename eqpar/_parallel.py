@@ -21,6 +21,7 @@ from jaxtyping import PyTree
 from ._collectives import varying_axes
 from ._dispatch import Compiled, Transformed
 from ._errors import AxisSizeError, MeshError, SpecError
+from ._placement import STACK_REDUCTIONS
 from ._shard_map import check_context_mesh, match_explicit
 from ._specs import check_int_axes, is_array, leaf_names, resolve_call_specs
 from ._vmap import AxisSpec
@@ -29,11 +30,6 @@ from ._vmap import AxisSpec
 # "concat" | "mean" | "first" | None | callable (a `str`, not a Literal: see Reduce in
 # _placement.py).
 ParallelReduce = str | None | Callable[[Any], Any]
-
-_STACKED: dict[str, Callable[[Any], Any]] = {
-    "first": lambda x: x[0],
-    "mean": lambda x: jnp.mean(x, axis=0),
-}
 
 
 def _is_scalar_key(leaf: Any) -> bool:
@@ -152,7 +148,7 @@ def _parallel_run(
     elif reduce is not None:
         # A stack left to reduce here: gather it first (an Explicit axis cannot be
         # indexed or handed to an arbitrary callable while sharded).
-        fn = _STACKED[reduce] if isinstance(reduce, str) else reduce
+        fn = STACK_REDUCTIONS[reduce] if isinstance(reduce, str) else reduce
         outs = [
             fn(match_explicit(mesh, [x], [P()])[0]) if s else x
             for x, s in zip(outs, stacked)

@@ -100,7 +100,8 @@ def replicate(tree: PyTree, *, mesh: Mesh | None = None) -> PyTree:
 # list of choices, also when a runtime type checker is active.
 Reduce = str | Callable[[Any], Any]  # "first" | "mean" | "sum" | "stack" | callable
 
-_REDUCTIONS: dict[str, Callable[[Any], Any]] = {
+# Reductions of a (devices, ...) stack, shared by unreplicate and Parallel.
+STACK_REDUCTIONS: dict[str, Callable[[Any], Any]] = {
     "first": lambda x: x[0],
     "mean": lambda x: jnp.mean(x, axis=0),
     "sum": lambda x: jnp.sum(x, axis=0),
@@ -160,12 +161,12 @@ def unreplicate(tree: PyTree, reduce: Reduce = "first") -> PyTree:
     `[0, 8, 16, 24, 32]` with `"sum"`.
     """
     if isinstance(reduce, str):
-        if reduce not in _REDUCTIONS:
+        if reduce not in STACK_REDUCTIONS:
             raise SpecError(
                 f"unreplicate got reduce={reduce!r}; use one of "
-                f"{sorted(_REDUCTIONS)} or a callable on the (devices, ...) stack."
+                f"{sorted(STACK_REDUCTIONS)} or a callable on the (devices, ...) stack."
             )
-        fn = _REDUCTIONS[reduce]
+        fn = STACK_REDUCTIONS[reduce]
     elif callable(reduce):
         fn = reduce
     else:
