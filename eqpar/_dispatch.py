@@ -1,10 +1,15 @@
-"""Compile once per call signature, dispatch at the cost of raw `jax.jit`.
+"""Compile once per call signature, for every wrapper, at the cost of raw `jax.jit`.
 
 The other half of eqpar's one mechanism. Every eqpar transform is a `Transformed`
-module holding the user's function and a `Compiled` dispatcher. A call:
+module holding the user's function and a *caller*: for the compiling transforms a
+`Compiled` dispatcher, shared (through `shared`) by every wrapper built with the same
+transform and options, so `eqpar.filter_jit(step)(model, x)` written inline in a loop
+compiles once, like `jax.jit` and `eqx.filter_jit`. A call:
 
-1. flattens `(fun, args, kwargs)` once and looks the tree structure and the leaves'
-   types up in a dict: a *plan* that says which leaves are arrays;
+1. flattens `(args, kwargs)` (plus the function itself when it is a pytree, such as
+   a Module or a bound method; a plain Python function is instead a weakly held key,
+   so a cache never keeps a function alive) and looks the tree structure and the
+   leaves' types up in a dict: a *plan* that says which leaves are arrays;
 2. picks the arrays and the static leaves out with the plan, and looks the static
    values (plus a backend context, such as the mesh) up in the plan's dict: a hit
    gives a `jax.jit` of a body that takes only the arrays;
@@ -13,10 +18,16 @@ module holding the user's function and a `Compiled` dispatcher. A call:
 
 Spec resolution, error checks and the backend transform (`jax.vmap`, `jax.shard_map`)
 all happen inside the body, i.e. once per trace, never on the hot path. `jax.jit`'s
-own cache then keys on shapes and dtypes.
+own cache then keys on shapes and dtypes. Every cache here is bounded (oldest entry
+dropped first), and static leaves must be hashable, as for `jax.jit` and
+`equinox.filter_jit` (a Module's static fields need not be: unhashable tree
+structures are compared by value).
 """
 
 import operator
+import types
+import warnings
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal
 
@@ -25,7 +36,8 @@ import jax
 import jax.core
 import jax.tree_util as jtu
 
-from ._specs import DYNAMIC, is_array, merge_leaves, split_leaves
+from ._errors import SpecError
+from ._specs import DYNAMIC, is_array, leaf_names, merge_leaves, split_leaves
 
 
 # A backend's run: traced once per signature and shapes. Returns the output pytree
@@ -33,31 +45,19 @@ from ._specs import DYNAMIC, is_array, merge_leaves, split_leaves
 # inputs that `jax.jit` refuses as they are).
 Run = Callable[[Any, tuple, dict, Any], tuple[Any, list[Any] | None]]
 
+Donate = Literal["all", "all-except-first", "warn", "warn-except-first", "none"]
+_DONATE_VALUES = ("all", "all-except-first", "warn", "warn-except-first", "none")
+
+# Bounds: call signatures per tree structure, tree structures per function, and
+# wrappers' option sets. A long-running program that keeps making new signatures
+# recompiles the oldest ones again instead of growing without bound.
+MAX_ENTRIES = 256
+MAX_PLANS = 256
+MAX_FUNCTIONS = 1024
+MAX_SHARED = 256
+MAX_SLOW_PLANS = 64
 
 _flatten = jtu.tree_flatten
-
-
-class _Identity:
-    """Key for an unhashable static leaf: equal only to the very same object."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any):
-        self.obj = obj
-
-    def __hash__(self) -> int:
-        return id(self.obj)
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is _Identity and other.obj is self.obj
-
-
-def _hashable(x: Any) -> Any:
-    try:
-        hash(x)
-    except TypeError:
-        return _Identity(x)
-    return x
 
 
 def _avals(arrays: Sequence[Any]) -> tuple:
@@ -71,13 +71,38 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
+def _bounded_put(table: dict, key: Any, value: Any, limit: int) -> None:
+    if len(table) >= limit:
+        del table[next(iter(table))]
+    table[key] = value
+
+
+def check_donate(donate: Any) -> Donate:
+    if not isinstance(donate, str) or donate not in _DONATE_VALUES:
+        raise SpecError(
+            f"`donate` must be one of {', '.join(map(repr, _DONATE_VALUES))} (as "
+            f"in `equinox.filter_jit`), got {donate!r}."
+        )
+    return donate  # type: ignore[return-value]
+
+
 class _Entry:
     """One call signature: its compiled function and what its traces recorded."""
 
-    __slots__ = ("jitted", "out", "by_avals", "first_avals", "placements")
+    __slots__ = (
+        "call",
+        "jitted",
+        "out",
+        "by_avals",
+        "first_avals",
+        "placements",
+        "donating",
+    )
 
     def __init__(self) -> None:
-        self.jitted: Callable[[tuple[Any, ...]], list[Any]] = _unset
+        self.call: Callable[[tuple[Any, ...]], list[Any]] = _unset
+        self.jitted: Any = None
+        self.donating = False
         self.out: tuple[Any, tuple, bool] | None = None
         self.first_avals: tuple | None = None
         # Non-array outputs that differ between traces (they depend on shapes) are
@@ -101,6 +126,17 @@ class _Entry:
             assert self.first_avals is not None
             self.by_avals = {self.first_avals: self.out, avals: out}
 
+    def __call__(self, arrays: tuple[Any, ...]) -> Any:
+        try:
+            out_arrays = self.call(arrays)
+        except Exception:
+            placed = self.place(arrays)
+            if placed is None:
+                raise
+            arrays = placed
+            out_arrays = self.call(arrays)
+        return self.rebuild(out_arrays, arrays)
+
     def rebuild(self, out_arrays: list[Any], in_arrays: Sequence[Any]) -> Any:
         out = self.out if self.by_avals is None else self.by_avals[_avals(in_arrays)]
         assert out is not None
@@ -115,23 +151,28 @@ class _Entry:
         shardings = self.placements.get(_avals(arrays))
         if shardings is None:
             return None
+        if any(isinstance(x, jax.core.Tracer) for x in arrays):
+            return None
         if all(
-            isinstance(x, jax.Array)
-            and not isinstance(x, jax.core.Tracer)
-            and x.sharding == s
+            isinstance(x, jax.Array) and x.sharding == s
             for x, s in zip(arrays, shardings)
         ):
             return None
-        if any(isinstance(x, jax.core.Tracer) for x in arrays):
-            return None
+        if self.donating:
+            warnings.warn(
+                "eqpar: an input to donate was not on the devices the compiled "
+                "program runs on, so it was copied there first and the copy was "
+                "donated; the original array is still alive and its memory was not "
+                "reused. Place the inputs first (`eqpar.filter_device_put`, "
+                "`eqpar.replicate`, or the outputs of the previous step) to donate "
+                "them.",
+                stacklevel=4,
+            )
         return tuple(jax.device_put(list(arrays), shardings))
 
 
 def _unset(_: tuple[Any, ...]) -> list[Any]:
     raise AssertionError("unreachable: entry used before it was compiled")
-
-
-Donate = Literal["none", "all"]
 
 
 class _Plan:
@@ -140,7 +181,7 @@ class _Plan:
     the static leaves out of a call is two `itemgetter`s, with no Python loop over
     the leaves. Under it, one `_Entry` per (context, static values)."""
 
-    __slots__ = ("array_idx", "arrays", "statics", "entries", "slow")
+    __slots__ = ("array_idx", "arrays", "statics", "entries")
 
     def __init__(self, leaves: list[Any]):
         self.array_idx = [i for i, leaf in enumerate(leaves) if is_array(leaf)]
@@ -148,7 +189,6 @@ class _Plan:
         self.arrays = _getter(self.array_idx)
         self.statics = _getter([i for i in range(len(leaves)) if i not in arrays])
         self.entries: dict[Hashable, _Entry] = {}
-        self.slow: list[tuple[Any, _Entry]] = []  # static values that cannot be hashed
 
     def signature(self, leaves: list[Any]) -> list[Any]:
         signature = list(leaves)
@@ -157,7 +197,7 @@ class _Plan:
         return signature
 
 
-def _getter(idx: list[int]) -> Callable[[list[Any]], tuple]:
+def _getter(idx: list[int]) -> Callable[[Sequence[Any]], tuple]:
     """`leaves -> tuple(leaves[i] for i in idx)`, at C speed."""
     if len(idx) >= 2:
         return operator.itemgetter(*idx)
@@ -167,8 +207,20 @@ def _getter(idx: list[int]) -> Callable[[list[Any]], tuple]:
     return lambda leaves: ()
 
 
+class _FunctionSlot:
+    """The plans of one plain Python function, which is held weakly: when it dies,
+    its compiled programs go with it."""
+
+    __slots__ = ("ref", "plans")
+
+    def __init__(self, ref: "weakref.ref[Any]"):
+        self.ref = ref
+        self.plans: dict[Hashable, _Plan] = {}
+
+
 class Compiled:
-    """The per-transform cache of compiled call signatures.
+    """The compile cache of one transform with one set of options, shared by every
+    wrapper that has them (see `shared`).
 
     `run(fun, args, kwargs, context)` is the backend; `context` is a hashable value
     computed per call by `context_fn` (e.g. the mesh) that is part of the key.
@@ -181,28 +233,49 @@ class Compiled:
         context_fn: Callable[[], Hashable] | None = None,
         donate: Donate = "none",
     ):
-        if donate not in ("none", "all"):
-            raise ValueError(f'`donate` must be "none" or "all", got {donate!r}.')
         self._run = run
         self._context_fn = context_fn
-        self._donate = donate
+        self._donate = check_donate(donate)
         # (tree structure, leaf types) -> plan; types too, because 1, 1.0 and True
         # are equal and hash alike but trace differently.
         self._plans: dict[Hashable, _Plan] = {}
-        self._slow_plans: list[tuple[Any, _Plan]] = []  # structures that cannot hash
+        self._functions: dict[int, _FunctionSlot] = {}
+        self._slow_plans: list[tuple[_FunctionSlot | None, Any, _Plan]] = []
 
     def __call__(self, fun: Any, args: tuple, kwargs: dict) -> Any:
-        # The hot path: one flatten, a tuple of the leaves' types, two dict lookups,
-        # two itemgetters and one call of the compiled function; no Python loop over
-        # the leaves. Keep it that way (benchmarks/dispatch*.py).
-        leaves, treedef = _flatten((fun, args, kwargs))
+        # The hot path: one flatten, a tuple of the leaves' types, two or three dict
+        # lookups, two itemgetters and one call of the compiled function; no Python
+        # loop over the leaves. Keep it that way (benchmarks/dispatch*.py).
+        entry, arrays = self._lookup(fun, args, kwargs)
+        return entry(arrays)
+
+    def lower(self, fun: Any, args: tuple, kwargs: dict) -> "Lowered":
+        entry, arrays = self._lookup(fun, args, kwargs)
+        if entry.donating:
+            lowered = entry.jitted.lower(*entry.call.split(arrays))  # type: ignore
+        else:
+            lowered = entry.jitted.lower(arrays)
+        return Lowered(lowered, self, entry, fun)
+
+    def _lookup(self, fun: Any, args: tuple, kwargs: dict) -> tuple[_Entry, tuple]:
+        if type(fun) is types.FunctionType:
+            slot = self._functions.get(id(fun))
+            if slot is None or slot.ref() is not fun:
+                slot = self._new_slot(fun)
+            plans = slot.plans
+            leaves, treedef = _flatten((args, kwargs))
+        else:
+            slot = None
+            plans = self._plans
+            leaves, treedef = _flatten((fun, args, kwargs))
         shape = (treedef, tuple(map(type, leaves)))
         try:
-            plan = self._plans[shape]
+            plan = plans[shape]
         except KeyError:
-            plan = self._plans[shape] = _Plan(leaves)
-        except TypeError:
-            plan = self._slow_plan(shape, leaves)
+            plan = _Plan(leaves)
+            _bounded_put(plans, shape, plan, MAX_PLANS)
+        except TypeError:  # a Module static field that cannot be hashed
+            plan = self._slow_plan(slot, shape, leaves)
         arrays = plan.arrays(leaves)
         key = (
             None if self._context_fn is None else self._context_fn(),
@@ -211,59 +284,222 @@ class Compiled:
         try:
             entry = plan.entries[key]
         except KeyError:
-            entry = plan.entries[key] = self._new_entry(treedef, plan, leaves, key[0])
+            entry = self._new_entry(treedef, plan, leaves, key[0], slot, fun, args)
+            _bounded_put(plan.entries, key, entry, MAX_ENTRIES)
         except TypeError:
-            entry = self._slow_entry(plan, key, treedef, leaves)
-        try:
-            out_arrays = entry.jitted(arrays)
-        except Exception:
-            placed = entry.place(arrays)
-            if placed is None:
-                raise
-            arrays = placed
-            out_arrays = entry.jitted(arrays)
-        return entry.rebuild(out_arrays, arrays)
+            raise self._unhashable(fun, args, kwargs, slot) from None
+        return entry, arrays
 
-    def _slow_plan(self, shape: tuple, leaves: list[Any]) -> _Plan:
-        for k, plan in self._slow_plans:
-            if _same(k, shape):
+    def _slow_plan(
+        self, slot: _FunctionSlot | None, shape: tuple, leaves: list[Any]
+    ) -> _Plan:
+        """Tree structures that cannot be hashed (a Module static field holding a
+        list, say) are compared by value, as Equinox allows them."""
+        for owner, known, plan in self._slow_plans:
+            if owner is slot and _same(known, shape):
                 return plan
         plan = _Plan(leaves)
-        self._slow_plans.append((shape, plan))
+        if len(self._slow_plans) >= MAX_SLOW_PLANS:
+            del self._slow_plans[0]
+        self._slow_plans.append((slot, shape, plan))
         return plan
 
-    def _slow_entry(
-        self, plan: _Plan, key: tuple, treedef: Any, leaves: list[Any]
-    ) -> _Entry:
-        context, statics = key
-        slow_key = (context, tuple(map(_hashable, statics)))
-        for k, entry in plan.slow:
-            if _same(k, slow_key):
-                return entry
-        entry = self._new_entry(treedef, plan, leaves, context)
-        plan.slow.append((slow_key, entry))
-        return entry
+    def _new_slot(self, fun: Any) -> _FunctionSlot:
+        functions = self._functions
+        key = id(fun)
+
+        def forget(ref: Any) -> None:
+            slot = functions.get(key)
+            if slot is not None and slot.ref is ref:
+                del functions[key]
+
+        slot = _FunctionSlot(weakref.ref(fun, forget))
+        _bounded_put(functions, key, slot, MAX_FUNCTIONS)
+        return slot
+
+    def _unhashable(
+        self,
+        fun: Any,
+        args: tuple,
+        kwargs: dict,
+        slot: _FunctionSlot | None,
+    ) -> SpecError:
+        names = leaf_names(fun, args, kwargs)
+        if slot is not None:  # the function itself is not among the flat leaves
+            names = names[1:]
+        leaves = _flatten((args, kwargs) if slot is not None else (fun, args, kwargs))[
+            0
+        ]
+        culprits = []
+        for name, leaf in zip(names, leaves):
+            if is_array(leaf):
+                continue
+            try:
+                hash(leaf)
+            except TypeError:
+                culprits.append(f"{name} ({type(leaf).__name__})")
+        where = "; ".join(culprits) if culprits else "(unknown)"
+        return SpecError(
+            "Every non-array leaf of a call is static: part of the compiled "
+            "signature, so it must be hashable (as for `jax.jit` static arguments "
+            f"and `equinox.filter_jit`). Not hashable: {where}. Make it hashable "
+            "(e.g. a frozen dataclass, or a tuple instead of a list), turn it into "
+            "an array, or close over it in the function instead of passing it."
+        )
 
     def _new_entry(
-        self, treedef: Any, plan: _Plan, leaves: list[Any], context: Any
+        self,
+        treedef: Any,
+        plan: _Plan,
+        leaves: list[Any],
+        context: Any,
+        slot: _FunctionSlot | None,
+        fun: Any,
+        args: tuple,
     ) -> _Entry:
         entry = _Entry()
         run = self._run
         signature = plan.signature(leaves)
+        ref = None if slot is None else slot.ref
 
         def body(arrays: tuple[Any, ...]) -> list[Any]:
-            fun, args, kwargs = jtu.tree_unflatten(
-                treedef, merge_leaves(signature, arrays)
-            )
-            out, shardings = run(fun, args, kwargs, context)
+            tree = jtu.tree_unflatten(treedef, merge_leaves(signature, arrays))
+            if ref is None:
+                f, a, k = tree
+            else:
+                f = ref()
+                a, k = tree
+            out, shardings = run(f, a, k, context)
             out_leaves, out_treedef = jtu.tree_flatten(out)
             out_arrays, out_signature = split_leaves(out_leaves)
             entry.record(out_treedef, out_signature, arrays, shardings)
             return out_arrays
 
-        donate = (0,) if self._donate == "all" else ()
-        entry.jitted = jax.jit(body, donate_argnums=donate)
+        if self._donate == "none":
+            entry.jitted = entry.call = jax.jit(body)
+            return entry
+        keep_first = self._donate.endswith("except-first")
+        kept: set[int] = set()
+        if keep_first and args:
+            before = 0 if slot is not None else len(jtu.tree_leaves(fun))
+            first = range(before, before + len(jtu.tree_leaves(args[0])))
+            kept = {n for n, i in enumerate(plan.array_idx) if i in first}
+        donated_idx = [n for n in range(len(plan.array_idx)) if n not in kept]
+        kept_idx = sorted(kept)
+        n = len(plan.array_idx)
+
+        def split_body(donated: tuple, kept_arrays: tuple) -> list[Any]:
+            arrays: list[Any] = [None] * n
+            for i, v in zip(donated_idx, donated):
+                arrays[i] = v
+            for i, v in zip(kept_idx, kept_arrays):
+                arrays[i] = v
+            return body(tuple(arrays))
+
+        entry.jitted = jax.jit(split_body, donate_argnums=0)
+        entry.call = _DonatingCall(
+            entry.jitted,
+            _getter(donated_idx),
+            _getter(kept_idx),
+            quiet=self._donate.startswith("all"),
+        )
+        entry.donating = True
         return entry
+
+
+class _DonatingCall:
+    __slots__ = ("jitted", "donated", "kept", "quiet")
+
+    def __init__(self, jitted: Any, donated: Callable, kept: Callable, quiet: bool):
+        self.jitted, self.donated, self.kept, self.quiet = jitted, donated, kept, quiet
+
+    def split(self, arrays: tuple) -> tuple[tuple, tuple]:
+        return self.donated(arrays), self.kept(arrays)
+
+    def __call__(self, arrays: tuple) -> list[Any]:
+        if not self.quiet:
+            return self.jitted(self.donated(arrays), self.kept(arrays))
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="Some donated buffers were not usable"
+            )
+            return self.jitted(self.donated(arrays), self.kept(arrays))
+
+
+class Lowered:
+    """An eqpar call lowered ahead of time: `.compile()` gives a callable that takes
+    the same arguments (same shapes, same static values) as the call that was
+    lowered; `.as_text()` shows the program."""
+
+    def __init__(self, lowered: Any, compiled: Compiled, entry: _Entry, fun: Any):
+        self.lowered = lowered
+        self._compiled = compiled
+        self._entry = entry
+        self._fun = fun
+
+    def as_text(self) -> str:
+        return self.lowered.as_text()
+
+    def compile(self) -> "CompiledCall":
+        return CompiledCall(self.lowered.compile(), self)
+
+
+class CompiledCall:
+    """A call compiled ahead of time (from `Lowered.compile()`)."""
+
+    def __init__(self, executable: Any, lowered: Lowered):
+        self.executable = executable
+        self._lowered = lowered
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        lowered = self._lowered
+        entry, arrays = lowered._compiled._lookup(lowered._fun, args, kwargs)
+        if entry is not lowered._entry:
+            raise SpecError(
+                "This ahead-of-time compiled call was lowered for other static "
+                "arguments (non-array leaves) or another tree structure than the "
+                "ones it was now called with. Lower it again for these arguments."
+            )
+        if entry.donating:
+            out = self.executable(*entry.call.split(arrays))  # type: ignore
+        else:
+            out = self.executable(arrays)
+        return entry.rebuild(out, arrays)
+
+    def as_text(self) -> str:
+        return self.executable.as_text()
+
+
+# ----------------------------------------------------------------------------------
+# One caller per transform and options, shared by every wrapper
+
+_SHARED: dict[Hashable, Any] = {}
+
+
+def _options_key(kind: str, options: Any) -> Hashable | None:
+    leaves, treedef = jtu.tree_flatten(options, is_leaf=lambda x: x is None)
+    key = (kind, treedef, tuple((type(leaf), leaf) for leaf in leaves))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def shared(kind: str, options: Any, make: Callable[[], Any]) -> Any:
+    """The caller (e.g. a `Compiled`) for transform `kind` with `options`, made once
+    and shared by every wrapper with equal options: a fresh wrapper per call reuses
+    the compiled programs. Options that cannot be hashed get a caller of their own.
+    """
+    key = _options_key(kind, options)
+    if key is None:
+        return make()
+    try:
+        return _SHARED[key]
+    except KeyError:
+        caller = make()
+        _bounded_put(_SHARED, key, caller, MAX_SHARED)
+        return caller
 
 
 _get = object.__getattribute__
@@ -271,10 +507,10 @@ _get = object.__getattribute__
 
 class Transformed(eqx.Module):
     """A transformed function: a pytree (its function's arrays are leaves) that binds
-    as a method and dispatches through its `Compiled` cache."""
+    as a method and dispatches through its shared caller."""
 
     _fun: Callable
-    _compiled: Compiled = eqx.field(static=True)
+    _compiled: Any = eqx.field(static=True)
 
     @property
     def __wrapped__(self) -> Callable:
@@ -285,6 +521,18 @@ class Transformed(eqx.Module):
         # hook that wraps bound methods): two plain reads on the hot path instead.
         return _get(self, "_compiled")(_get(self, "_fun"), args, kwargs)
 
+    def lower(self, /, *args: Any, **kwargs: Any) -> Lowered:
+        """Lowers the call ahead of time, as `jax.jit(...).lower` does: returns an
+        object whose `.compile()` is a callable taking the same arguments."""
+        compiled = _get(self, "_compiled")
+        if not isinstance(compiled, Compiled):
+            raise SpecError(
+                "This transform does not compile on its own (filter_vmap maps like "
+                "`jax.vmap`), so it has nothing to lower. Lower a compiled function "
+                "that calls it: `eqpar.filter_jit(f).lower(*args)`."
+            )
+        return compiled.lower(_get(self, "_fun"), args, kwargs)
+
     def __get__(self, instance: Any, owner: Any) -> Any:
         del owner
         if instance is None:
@@ -292,12 +540,41 @@ class Transformed(eqx.Module):
         return eqx.Partial(self, instance)
 
 
-def transformed(fun: Callable, compiled: Compiled) -> Any:
-    return eqx.module_update_wrapper(Transformed(fun, compiled))
+_WRAPPER_FIELDS = ("__module__", "__name__", "__qualname__", "__doc__")
+_set = object.__setattr__
 
 
-def decorator_or_call(fun: Any, make: Callable[[Callable], Any]) -> Any:
+def transformed(fun: Callable, caller: Any) -> Any:
+    """A `Transformed` of `fun`, named after it (as `eqx.module_update_wrapper` and
+    `functools.wraps` do).
+
+    Built field by field, because wrappers are often built inline, once per call:
+    `eqx.Module.__init__` plus `eqx.module_update_wrapper` (which flattens and
+    rebuilds the wrapper, and so the whole Module it wraps) cost 20 to 100 us; this
+    costs 3. The result is the same dataclass with the same fields. Only the
+    string attributes are copied (not `__annotations__`, a dict): they are part of
+    the wrapper's tree structure, which must stay hashable to be a cache key.
+    """
+    wrapper = object.__new__(Transformed)
+    _set(wrapper, "_fun", fun)
+    _set(wrapper, "_compiled", caller)
+    for name in _WRAPPER_FIELDS:
+        try:
+            value = getattr(fun, name)
+        except AttributeError:
+            continue
+        _set(wrapper, name, value)
+    return wrapper
+
+
+def decorator_or_call(fun: Any, make: Callable[[Callable], Any], who: str) -> Any:
     """`@t`, `@t(...)` and `t(fn, ...)` in one place."""
     if fun is None:
-        return make
+        return lambda f: decorator_or_call(f, make, who)
+    if not callable(fun):
+        raise SpecError(
+            f"{who} transforms a function, but was given {type(fun).__name__} "
+            f"{fun!r:.80}, which is not callable. Pass the function first "
+            f"(`{who}(fn, ...)`), or use `@{who}(...)` as a decorator."
+        )
     return make(fun)

@@ -6,10 +6,18 @@ is what the user pays on every step: it costs about what `jax.jit` on the array
 leaves costs, where `equinox.filter_jit` costs several times that.
 """
 
+import functools as ft
 from collections.abc import Callable
 from typing import Any, overload
 
-from ._dispatch import Compiled, decorator_or_call, Donate, transformed
+from ._dispatch import (
+    check_donate,
+    Compiled,
+    decorator_or_call,
+    Donate,
+    shared,
+    transformed,
+)
 
 
 def _jit_run(fun: Any, args: tuple, kwargs: dict, context: None) -> tuple[Any, None]:
@@ -36,16 +44,25 @@ def filter_jit(
 
     Same contract as `equinox.filter_jit`: arrays (JAX and NumPy) are traced, anything
     else (Python numbers, strings, functions, Module static fields) is part of the
-    compiled signature, so changing it recompiles and keeping it does not.
+    compiled signature, so changing it recompiles and keeping it does not. Static
+    leaves must be hashable (an unhashable one raises `eqpar.SpecError` naming it).
 
     **Arguments:**
 
     - `fun`: the function, method or callable Module to compile.
-    - `donate`: `"all"` donates every array input's buffer; `"none"` (default) none.
+    - `donate`: as in `equinox.filter_jit`: `"all"` donates every array input's
+        buffer (including the function's own arrays), `"all-except-first"` all but
+        those of the first argument, both silencing JAX's warning about donated
+        buffers it could not reuse; `"warn"` and `"warn-except-first"` the same
+        without silencing it; `"none"` (default) donates nothing.
 
     **Returns:**
 
     The compiled function (an `equinox.Module`, so a pytree that binds as a method).
+    Its cache is shared by every `filter_jit` wrapper with the same `donate`, keyed
+    on the call signature with the function held weakly: `filter_jit(step)(model,
+    x)` written inline in a loop compiles once, as with `jax.jit`. `.lower(*args,
+    **kwargs)` lowers ahead of time (`.compile()` on the result gives a callable).
 
     !!! example
 
@@ -57,6 +74,6 @@ def filter_jit(
         assert forward(model, jnp.ones((8, 4))).shape == (8, 2)
         ```
     """
-    return decorator_or_call(
-        fun, lambda f: transformed(f, Compiled(_jit_run, donate=donate))
-    )
+    donate = check_donate(donate)
+    caller = shared("jit", donate, ft.partial(Compiled, _jit_run, donate=donate))
+    return decorator_or_call(fun, lambda f: transformed(f, caller), "filter_jit")

@@ -2,6 +2,7 @@
 
 import functools as ft
 import math
+import traceback
 from collections.abc import Callable, Hashable, Set
 from typing import Any, overload
 
@@ -10,8 +11,16 @@ import jax.tree_util as jtu
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
-from ._dispatch import Compiled, decorator_or_call, transformed
-from ._errors import AxisSizeError, MeshError, SpecError
+from ._collectives import varying_axes, vmap_axis_error
+from ._dispatch import (
+    check_donate,
+    Compiled,
+    decorator_or_call,
+    Donate,
+    shared,
+    transformed,
+)
+from ._errors import AxisSizeError, Checked, MeshError, ReplicationError, SpecError
 from ._specs import (
     is_array,
     leaf_names,
@@ -183,26 +192,130 @@ def _shard_map_run(
                     f"out_specs gives {spec} for {where()}, which has rank "
                     f"{leaf.ndim} per shard: a spec may not be longer than the rank."
                 )
+            if check_vma:
+                check_replicated(leaf, spec, where, "out_specs")
             specs_out.append(spec)
         out_flat[:] = specs_out
         structure[:] = [out_def, out_signature]
         return out_arrays
 
     check_context_mesh(mesh, "filter_shard_map")
-    outs = jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=tuple(specs),
-        out_specs=out_flat,
-        axis_names=set(axis_names),
-        check_vma=check_vma,
-    )(*arrays)
+    outs = trace_shard_map(
+        lambda: jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=tuple(specs),
+            out_specs=out_flat,
+            axis_names=set(axis_names),
+            check_vma=check_vma,
+        )(*arrays),
+        check_vma,
+    )
     out_def, out_signature = structure
     out = jtu.tree_unflatten(out_def, merge_leaves(out_signature, outs))
     shardings = (
         [NamedSharding(mesh, s) for s in specs] if isinstance(mesh, Mesh) else None
     )
     return out, shardings
+
+
+def check_shard_map_options(
+    mesh: Any, axis_names: Any, check_vma: Any, who: str
+) -> None:
+    """Build-time checks of the options `filter_shard_map` and `Parallel` share."""
+    if mesh is not None and not isinstance(mesh, (Mesh, AbstractMesh)):
+        default = "all devices" if who == "Parallel" else "the context mesh"
+        raise MeshError(
+            f"{who} got mesh={mesh!r:.80} ({type(mesh).__name__}); `mesh` must be a "
+            "`jax.sharding.Mesh` (e.g. `eqpar.data_mesh()` or `jax.make_mesh((n,), "
+            f"('data',))`), or None for {default}."
+        )
+    if axis_names is not None and (
+        isinstance(axis_names, (str, bytes)) or not isinstance(axis_names, Set)
+    ):
+        raise SpecError(
+            f"{who} got axis_names={axis_names!r}; it must be a set of mesh axis "
+            f"names, e.g. axis_names={{{axis_names!r}}} (a string would be read as "
+            "a set of its characters), or None for every axis of the mesh."
+        )
+    if mesh is not None and axis_names is not None:
+        unknown = [a for a in axis_names if a not in mesh.axis_names]
+        if unknown:
+            raise MeshError(
+                f"{who} got axis_names={set(axis_names)!r}, which names {unknown}, "
+                f"not axes of the mesh; its axes are {tuple(mesh.axis_names)}."
+            )
+    if not isinstance(check_vma, bool):
+        raise SpecError(
+            f"{who} got check_vma={check_vma!r}; it must be True (replication "
+            "checking, the default) or False."
+        )
+
+
+def _eager_autodiff(tree: Any) -> bool:
+    """Whether `tree` holds values being differentiated outside any `jit`: tracers
+    whose chain of primals ends in concrete arrays. (Best effort: a tracer that
+    carries no `primal`, such as a `jit` or `vmap` tracer, counts as compiled.)"""
+    for leaf in jtu.tree_leaves(tree):
+        if isinstance(leaf, jax.core.Tracer):
+            inner: Any = leaf
+            while isinstance(inner, jax.core.Tracer):
+                inner = getattr(inner, "primal", None)
+                if inner is None:
+                    return False
+            return True
+    return False
+
+
+def check_eager_autodiff(mesh: Mesh, tree: Any, who: str) -> None:
+    """Raises `MeshError` for autodiff outside `jit` on an Explicit mesh with no
+    context mesh, which JAX cannot do (its own error, raised later from inside
+    `jax.grad`, asks to enter a `jit` into a mesh context)."""
+    if not jax.sharding.get_abstract_mesh().empty or not _eager_autodiff(tree):
+        return
+    raise MeshError(
+        f"{who} runs on a mesh with Explicit axes {mesh.axis_names} (e.g. "
+        "`eqpar.data_mesh()`), and is being differentiated outside `jit`: its "
+        "outputs carry their sharding in their type, and JAX can only differentiate "
+        "through them outside `jit` with the mesh set as context. Wrap the gradient "
+        "computation in `with jax.set_mesh(mesh):`, compile it (`eqpar.filter_jit` "
+        "or `jax.jit` around the `jax.grad` call), or use a mesh with Auto axes "
+        "(`jax.make_mesh(shape, names, axis_types=(AxisType.Auto,))`)."
+    )
+
+
+def check_replicated(leaf: Any, spec: P, where: Callable[[], str], what: str) -> None:
+    """Raises `ReplicationError` for an output spec that claims replication over a
+    mesh axis the output varies over (`check_vma=True`)."""
+    missing = sorted(
+        (a for a in varying_axes(leaf) if a not in _spec_axes(spec)), key=str
+    )
+    if missing:
+        name = missing[0]
+        raise ReplicationError(
+            f"{what} gives {spec} for {where()}, which says it is the same on every "
+            f"device along mesh axes {missing}, but it varies over them (its "
+            "replication type, `check_vma=True`). Reduce it first (e.g. "
+            f"`eqpar.pmean(x, {name!r})` or `eqpar.psum(x, {name!r})`), return every "
+            f"device's block with a sharded spec such as `P({name!r})`, or pass "
+            "`check_vma=False` to take the first device's value unchecked."
+        )
+
+
+def trace_shard_map(call: Callable[[], Any], check_vma: bool) -> Any:
+    """Runs `call` (which traces a `shard_map`), turning JAX's bare `AssertionError`
+    for a collective over a vmap axis (JAX's replication typing knows only mesh
+    axes) into an eqpar error that names the switch."""
+    try:
+        return call()
+    except AssertionError as e:
+        frames = traceback.extract_tb(e.__traceback__)
+        if check_vma and frames and frames[-1].name == "pvary":
+            raise vmap_axis_error(
+                "An axis of a `jax.lax` collective inside the function (e.g. the "
+                "`pmean` of `eqx.nn.BatchNorm(axis_name=...)`)"
+            ) from e
+        raise
 
 
 def _sharding(mesh: AnyMesh, spec: P) -> Any:
@@ -242,6 +355,7 @@ def filter_shard_map(
     mesh: AnyMesh | None = None,
     axis_names: Set[Hashable] | None = None,
     check_vma: bool = True,
+    donate: Donate = "none",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]: ...
 
 
@@ -254,17 +368,19 @@ def filter_shard_map(
     mesh: AnyMesh | None = None,
     axis_names: Set[Hashable] | None = None,
     check_vma: bool = True,
+    donate: Donate = "none",
 ) -> Callable[..., Any]: ...
 
 
 def filter_shard_map(
-    fun: Callable[..., Any] | None = None,
+    fun: Checked[Callable[..., Any] | None] = None,
     *,
     in_specs: PyTree[SpecLeaf],
     out_specs: PyTree[SpecLeaf],
-    mesh: AnyMesh | None = None,
-    axis_names: Set[Hashable] | None = None,
-    check_vma: bool = True,
+    mesh: Checked[AnyMesh | None] = None,
+    axis_names: Checked[Set[Hashable] | None] = None,
+    check_vma: Checked[bool] = True,
+    donate: Checked[Donate] = "none",
 ) -> Any:
     """`jax.shard_map` for pytrees with non-array leaves: array leaves are split over
     the mesh by their spec and `fun` sees each device's block; every other leaf is
@@ -286,11 +402,16 @@ def filter_shard_map(
     - `check_vma`: JAX's replication typing (on by default): values know which mesh
         axes they vary over, so an `out_specs` that claims replication is checked,
         and gradients of replicated inputs come back already summed over the axes.
+    - `donate`: as for [`eqpar.filter_jit`][] (`"none"`, the default, `"all"`,
+        `"all-except-first"`, `"warn"`, `"warn-except-first"`).
 
     **Returns:**
 
     The sharded function. Inputs that are not yet placed as their specs ask are
-    placed for you; outputs are `jax.Array`s sharded as `out_specs` say.
+    placed for you; outputs are `jax.Array`s sharded as `out_specs` say. One
+    compile cache serves every wrapper with the same options (an inline
+    `filter_shard_map(f, ...)(x)` compiles once); `.lower(*args, **kwargs)` lowers
+    ahead of time.
 
     !!! example
 
@@ -307,11 +428,19 @@ def filter_shard_map(
         assert total(jnp.ones(8 * jax.device_count())) == 8 * jax.device_count()
         ```
     """
+    check_shard_map_options(mesh, axis_names, check_vma, "filter_shard_map")
     names = frozenset() if axis_names is None else frozenset(axis_names)
     if mesh is not None and not isinstance(mesh, (Mesh, AbstractMesh)):
         raise MeshError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh)}.")
-    context = _context_mesh if mesh is None else _fixed_mesh(mesh)
-    run = ft.partial(_shard_map_run, in_specs, out_specs, names, check_vma)
+    donate = check_donate(donate)
+    options = (in_specs, out_specs, mesh, names, check_vma, donate)
+
+    def make() -> Compiled:
+        context = _context_mesh if mesh is None else _fixed_mesh(mesh)
+        run = ft.partial(_shard_map_run, in_specs, out_specs, names, check_vma)
+        return Compiled(run, context_fn=context, donate=donate)
+
+    caller = shared("shard_map", options, make)
     return decorator_or_call(
-        fun, lambda f: transformed(f, Compiled(run, context_fn=context))
+        fun, lambda f: transformed(f, caller), "filter_shard_map"
     )

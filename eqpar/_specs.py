@@ -130,9 +130,17 @@ def _describe_structure(tree: Any) -> str:
     return text if len(text) < 400 else text[:400] + "..."
 
 
-def broadcast_specs(prefix: Any, tree: Any, name: str, what: str) -> list[Any]:
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (bool, int, float, complex))
+
+
+def broadcast_specs(
+    prefix: Any, tree: Any, name: str, what: str, *, numbers: bool = False
+) -> list[Any]:
     """Per-leaf spec leaves for `tree`, from the spec `prefix` (callables applied to
-    array leaves; non-array leaves get `None`)."""
+    array leaves; non-array leaves get `None`). With `numbers=True`, Python numbers
+    get their spec too (as in Equinox's `out_axes`: `out_axes=0` on a returned `1`
+    broadcasts it to an array)."""
     spec_leaves, spec_def = jtu.tree_flatten(prefix, is_leaf=_is_none)
     try:
         subtrees = spec_def.flatten_up_to(tree)
@@ -147,7 +155,7 @@ def broadcast_specs(prefix: Any, tree: Any, name: str, what: str) -> list[Any]:
     out = []
     for spec, sub in zip(spec_leaves, subtrees):
         for leaf in jtu.tree_leaves(sub):
-            if not is_array(leaf):
+            if not (is_array(leaf) or (numbers and _is_number(leaf))):
                 out.append(None)
             elif callable(spec):
                 out.append(spec(leaf))
@@ -174,12 +182,25 @@ def resolve_call_specs(
     target = fun
     pos_names = _positional_names(target, len(args))
     if isinstance(spec, dict):
-        known = _parameter_names(target)
-        unknown = [k for k in spec if known is not None and k not in known]
+        passed = set(pos_names) | set(kwargs)
+        unknown = [k for k in spec if k not in passed]
         if unknown:
+            known = _parameter_names(target)
+            if known is not None and any(k not in known for k in unknown):
+                detail = (
+                    f"which are not parameters of {_fun_name(target)} (its "
+                    f"parameters are {sorted(known)})"
+                )
+            else:
+                detail = (
+                    "which were not passed in this call (a parameter left to its "
+                    "default value cannot be mapped or sharded: it is ambiguous "
+                    "whether the default is batched)"
+                )
             raise SpecError(
-                f"{what} names {unknown}, which are not parameters of "
-                f"{_fun_name(target)}; its parameters are {sorted(known or ())}."
+                f"{what} names {sorted(unknown)}, {detail}. The arguments of this "
+                f"call are {sorted(passed)}. Name only arguments that are passed, "
+                "positionally or by keyword."
             )
         arg_specs = [spec.get(n, default) for n in pos_names]
         kw_specs = {k: spec.get(k, default) for k in kwargs}
@@ -197,9 +218,9 @@ def resolve_call_specs(
         kw_specs = {k: spec for k in kwargs}
 
     for name, s in zip(pos_names, arg_specs):
-        _check_given(s, name, what)
+        _check_given(s, name, what, len(args))
     for name, s in kw_specs.items():
-        _check_given(s, name, what)
+        _check_given(s, name, what, len(args))
 
     resolved: list[Any] = [None] * len(jtu.tree_leaves(fun))
     for name, s, arg in zip(pos_names, arg_specs, args):
@@ -217,7 +238,16 @@ class _Required:
 REQUIRED: Any = _Required()
 
 
-def _check_given(spec: Any, name: str, what: str) -> None:
+def _check_given(spec: Any, name: str, what: str, n_args: int) -> None:
+    if spec is REQUIRED and not name.isidentifier():  # passed through `*args`
+        entries = ", ".join(["P()"] * n_args)
+        raise SpecError(
+            f"Argument `{name}` has no spec in {what}. It is passed through `*args`, "
+            "which a dict keyed by parameter name cannot reach: give "
+            f"{what} as a tuple with one entry per positional argument (this call "
+            f"passes {n_args}), e.g. `{what}=({entries},)`, or one spec for every "
+            f"argument, e.g. `{what}=P()`."
+        )
     if spec is REQUIRED:
         raise SpecError(
             f"Argument `{name}` has no spec in {what}. Give {what} as a dict keyed "
@@ -240,9 +270,11 @@ def _fun_name(fun: Callable) -> str:
     return f"`{getattr(fun, '__qualname__', None) or type(fun).__name__}`"
 
 
-def resolve_out_specs(spec: Any, out: Any, what: str) -> list[Any]:
+def resolve_out_specs(
+    spec: Any, out: Any, what: str, *, numbers: bool = False
+) -> list[Any]:
     """One resolved spec per leaf of the output `out`."""
-    return broadcast_specs(spec, out, "(the output)", what)
+    return broadcast_specs(spec, out, "(the output)", what, numbers=numbers)
 
 
 # ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import pytest
 
 import eqpar
 
@@ -23,7 +24,11 @@ def test_equal_but_different_statics_do_not_share_a_trace():
     assert counter.count == 3
 
 
-def test_unhashable_static_leaf_is_keyed_by_identity():
+def test_unhashable_static_leaf_is_an_error_naming_it():
+    """As in `equinox.filter_jit` (and `jax.jit` static arguments): a static leaf
+    that cannot be hashed would retrace on every call, so it is refused by name;
+    the advice (close over it instead) works."""
+
     class Config:  # unhashable: defines __eq__ without __hash__
         def __init__(self, k):
             self.k = k
@@ -31,13 +36,16 @@ def test_unhashable_static_leaf_is_keyed_by_identity():
         def __eq__(self, other):
             return isinstance(other, Config) and other.k == self.k
 
-    counter = TraceCounter(lambda x, c: x * c.k)
-    f = eqpar.filter_jit(counter)
-    c = Config(3)
-    assert_tree_allclose(f(jnp.ones(2), c), 3 * jnp.ones(2))
-    f(jnp.ones(2), c)
-    assert counter.count == 1
-    assert_tree_allclose(f(jnp.ones(2), Config(5)), 5 * jnp.ones(2))
+    def scale(x, config):
+        return x * config.k
+
+    with pytest.raises(eqpar.SpecError, match=r"`config` at \(root\) \(Config\)"):
+        eqpar.filter_jit(scale)(jnp.ones(2), Config(3))
+    with pytest.raises(ValueError, match="Non-hashable"):  # Equinox refuses it too
+        eqx.filter_jit(scale)(jnp.ones(2), Config(3))
+    config = Config(3)
+    closed = eqpar.filter_jit(lambda x: scale(x, config))
+    assert_tree_allclose(closed(jnp.ones(2)), 3 * jnp.ones(2))
 
 
 def test_unhashable_static_field_in_the_tree_structure():

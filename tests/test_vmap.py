@@ -199,14 +199,20 @@ def test_chunk_size_with_axis_name_is_refused():
         eqpar.filter_vmap(lambda x: x, axis_name="i", chunk_size=2)
 
 
-def test_compiled_and_cached_per_signature():
+def test_maps_eagerly_and_compiles_inside_filter_jit():
+    # filter_vmap maps like jax.vmap: eager calls run the function every time ...
     counter = TraceCounter(lambda x, power: x**power)
     f = eqpar.filter_vmap(counter)
     x = jnp.arange(4.0)
     f(x, 2)
     f(x + 1, 2)
-    assert counter.count == 1
-    assert_tree_allclose(f(x, 3), x**3)  # a new static value retraces
     assert counter.count == 2
-    f(jnp.arange(5.0), 2)  # a new shape retraces
+    # ... and inside filter_jit it is traced once per signature with the program.
+    g = eqpar.filter_jit(lambda x, power: eqpar.filter_vmap(counter)(x, power))
+    g(x, 2)
+    g(x + 1, 2)
     assert counter.count == 3
+    assert_tree_allclose(g(x, 3), x**3)  # a new static value retraces
+    assert counter.count == 4
+    g(jnp.arange(5.0), 2)  # a new shape retraces
+    assert counter.count == 5
