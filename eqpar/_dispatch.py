@@ -6,10 +6,10 @@ module holding the user's function and a *caller*: for the compiling transforms 
 transform and options, so `eqpar.filter_jit(step)(model, x)` written inline in a loop
 compiles once, like `jax.jit` and `eqx.filter_jit`. A call:
 
-1. flattens `(args, kwargs)` (plus the function itself when it is a pytree, such as
-   a Module or a bound method; a plain Python function is instead a weakly held key,
-   so a cache never keeps a function alive) and looks the tree structure and the
-   leaves' types up in a dict: a *plan* that says which leaves are arrays;
+1. flattens `(fun, args, kwargs)` once and looks the tree structure and the
+   leaves' types up in a dict: a *plan* that says which leaves are arrays (and
+   which are plain Python functions: those are keyed by identity and held weakly,
+   so a cache never keeps a function, or what it closes over, alive);
 2. picks the arrays and the static leaves out with the plan, and looks the static
    values (plus a backend context, such as the mesh) up in the plan's dict: a hit
    gives a `jax.jit` of a body that takes only the arrays;
@@ -53,7 +53,6 @@ _DONATE_VALUES = ("all", "all-except-first", "warn", "warn-except-first", "none"
 # recompiles the oldest ones again instead of growing without bound.
 MAX_ENTRIES = 256
 MAX_PLANS = 256
-MAX_FUNCTIONS = 1024
 MAX_SHARED = 256
 MAX_SLOW_PLANS = 64
 
@@ -97,6 +96,7 @@ class _Entry:
         "first_avals",
         "placements",
         "donating",
+        "refs",
     )
 
     def __init__(self) -> None:
@@ -109,6 +109,7 @@ class _Entry:
         # looked up by input shapes instead. Rare; costs only those who need it.
         self.by_avals: dict[tuple, tuple[Any, tuple, bool]] | None = None
         self.placements: dict[tuple, list[Any]] = {}
+        self.refs: list[Any] = []  # weak references whose death drops this entry
 
     def record(
         self, treedef: Any, signature: list[Any], arrays: Sequence[Any], shardings: Any
@@ -127,6 +128,8 @@ class _Entry:
             self.by_avals = {self.first_avals: self.out, avals: out}
 
     def __call__(self, arrays: tuple[Any, ...]) -> Any:
+        if self.donating:
+            return self._donating(arrays)
         try:
             out_arrays = self.call(arrays)
         except Exception:
@@ -136,6 +139,40 @@ class _Entry:
             arrays = placed
             out_arrays = self.call(arrays)
         return self.rebuild(out_arrays, arrays)
+
+    def _donating(self, arrays: tuple[Any, ...]) -> Any:
+        """A donating call places inputs itself, so that it can say when what it
+        donated was a copy (JAX would copy silently)."""
+        if self.placements.get(_avals(arrays)) is not None:
+            placed = self.place(arrays)
+            if placed is not None:
+                arrays = placed
+            return self.rebuild(self.call(arrays), arrays)
+        try:  # first call with these shapes: the shardings are learnt by tracing
+            out_arrays = self.call(arrays)
+        except Exception:
+            placed = self.place(arrays)
+            if placed is None:
+                raise
+            arrays = placed
+            out_arrays = self.call(arrays)
+        else:
+            if self.misplaced(arrays):
+                _warn_donated_copy()
+        return self.rebuild(out_arrays, arrays)
+
+    def misplaced(self, arrays: tuple[Any, ...]) -> bool:
+        """Whether a donated input is a concrete array not where the program runs."""
+        shardings = self.placements.get(_avals(arrays))
+        if shardings is None:
+            return False
+        donated = self.call.donated_idx  # type: ignore[attr-defined]
+        return any(
+            isinstance(arrays[i], jax.Array)
+            and not isinstance(arrays[i], jax.core.Tracer)
+            and not arrays[i].sharding.is_equivalent_to(shardings[i], arrays[i].ndim)
+            for i in donated
+        )
 
     def rebuild(self, out_arrays: list[Any], in_arrays: Sequence[Any]) -> Any:
         out = self.out if self.by_avals is None else self.by_avals[_avals(in_arrays)]
@@ -158,17 +195,21 @@ class _Entry:
             for x, s in zip(arrays, shardings)
         ):
             return None
-        if self.donating:
-            warnings.warn(
-                "eqpar: an input to donate was not on the devices the compiled "
-                "program runs on, so it was copied there first and the copy was "
-                "donated; the original array is still alive and its memory was not "
-                "reused. Place the inputs first (`eqpar.filter_device_put`, "
-                "`eqpar.replicate`, or the outputs of the previous step) to donate "
-                "them.",
-                stacklevel=4,
-            )
+        if self.donating and self.misplaced(arrays):
+            _warn_donated_copy()
         return tuple(jax.device_put(list(arrays), shardings))
+
+
+def _warn_donated_copy() -> None:
+    warnings.warn(
+        "eqpar: an input to donate was not on the devices the compiled program "
+        "runs on, so it was copied there first and the copy was donated; the "
+        "original array is still alive and its memory was not reused. Place the "
+        "inputs first (`eqpar.filter_device_put`, `eqpar.replicate`, or the "
+        "outputs of the previous step) to donate them.",
+        UserWarning,
+        stacklevel=5,
+    )
 
 
 def _unset(_: tuple[Any, ...]) -> list[Any]:
@@ -181,14 +222,29 @@ class _Plan:
     the static leaves out of a call is two `itemgetter`s, with no Python loop over
     the leaves. Under it, one `_Entry` per (context, static values)."""
 
-    __slots__ = ("array_idx", "arrays", "statics", "entries")
+    __slots__ = (
+        "array_idx",
+        "arrays",
+        "statics",
+        "entries",
+        "functions",
+        "function_idx",
+    )
 
     def __init__(self, leaves: list[Any]):
         self.array_idx = [i for i, leaf in enumerate(leaves) if is_array(leaf)]
         arrays = set(self.array_idx)
+        static_idx = [i for i in range(len(leaves)) if i not in arrays]
         self.arrays = _getter(self.array_idx)
-        self.statics = _getter([i for i in range(len(leaves)) if i not in arrays])
+        self.statics = _getter(static_idx)
         self.entries: dict[Hashable, _Entry] = {}
+        # Plain Python functions among the static leaves (the wrapped function, a
+        # function inside a wrapper or a Module): keyed by identity, held weakly.
+        self.function_idx = [
+            i for i in static_idx if type(leaves[i]) is types.FunctionType
+        ]
+        functions = set(self.function_idx)
+        self.functions = [n for n, i in enumerate(static_idx) if i in functions]
 
     def signature(self, leaves: list[Any]) -> list[Any]:
         signature = list(leaves)
@@ -207,15 +263,15 @@ def _getter(idx: list[int]) -> Callable[[Sequence[Any]], tuple]:
     return lambda leaves: ()
 
 
-class _FunctionSlot:
-    """The plans of one plain Python function, which is held weakly: when it dies,
-    its compiled programs go with it."""
+class _Weak:
+    """Stands in for a plain Python function among a signature's static leaves: the
+    compiled program refers to it weakly, so that a cache never keeps a function
+    (and what it closes over) alive."""
 
-    __slots__ = ("ref", "plans")
+    __slots__ = ("ref",)
 
     def __init__(self, ref: "weakref.ref[Any]"):
         self.ref = ref
-        self.plans: dict[Hashable, _Plan] = {}
 
 
 class Compiled:
@@ -239,13 +295,12 @@ class Compiled:
         # (tree structure, leaf types) -> plan; types too, because 1, 1.0 and True
         # are equal and hash alike but trace differently.
         self._plans: dict[Hashable, _Plan] = {}
-        self._functions: dict[int, _FunctionSlot] = {}
-        self._slow_plans: list[tuple[_FunctionSlot | None, Any, _Plan]] = []
+        self._slow_plans: list[tuple[Any, _Plan]] = []
 
     def __call__(self, fun: Any, args: tuple, kwargs: dict) -> Any:
-        # The hot path: one flatten, a tuple of the leaves' types, two or three dict
-        # lookups, two itemgetters and one call of the compiled function; no Python
-        # loop over the leaves. Keep it that way (benchmarks/dispatch*.py).
+        # The hot path: one flatten, a tuple of the leaves' types, two dict lookups,
+        # two itemgetters and one call of the compiled function; no Python loop over
+        # the leaves. Keep it that way (benchmarks/dispatch*.py).
         entry, arrays = self._lookup(fun, args, kwargs)
         return entry(arrays)
 
@@ -258,78 +313,47 @@ class Compiled:
         return Lowered(lowered, self, entry, fun)
 
     def _lookup(self, fun: Any, args: tuple, kwargs: dict) -> tuple[_Entry, tuple]:
-        if type(fun) is types.FunctionType:
-            slot = self._functions.get(id(fun))
-            if slot is None or slot.ref() is not fun:
-                slot = self._new_slot(fun)
-            plans = slot.plans
-            leaves, treedef = _flatten((args, kwargs))
-        else:
-            slot = None
-            plans = self._plans
-            leaves, treedef = _flatten((fun, args, kwargs))
+        leaves, treedef = _flatten((fun, args, kwargs))
         shape = (treedef, tuple(map(type, leaves)))
         try:
-            plan = plans[shape]
+            plan = self._plans[shape]
         except KeyError:
             plan = _Plan(leaves)
-            _bounded_put(plans, shape, plan, MAX_PLANS)
+            _bounded_put(self._plans, shape, plan, MAX_PLANS)
         except TypeError:  # a Module static field that cannot be hashed
-            plan = self._slow_plan(slot, shape, leaves)
+            plan = self._slow_plan(shape, leaves)
         arrays = plan.arrays(leaves)
-        key = (
-            None if self._context_fn is None else self._context_fn(),
-            plan.statics(leaves),
-        )
+        statics = plan.statics(leaves)
+        if plan.functions:  # keyed by identity, not held (see `_Weak`)
+            statics = list(statics)
+            for n in plan.functions:
+                statics[n] = id(statics[n])
+            statics = tuple(statics)
+        key = (None if self._context_fn is None else self._context_fn(), statics)
         try:
             entry = plan.entries[key]
         except KeyError:
-            entry = self._new_entry(treedef, plan, leaves, key[0], slot, fun, args)
+            entry = self._new_entry(treedef, plan, leaves, key, fun, args)
             _bounded_put(plan.entries, key, entry, MAX_ENTRIES)
         except TypeError:
-            raise self._unhashable(fun, args, kwargs, slot) from None
+            raise self._unhashable(fun, args, kwargs) from None
         return entry, arrays
 
-    def _slow_plan(
-        self, slot: _FunctionSlot | None, shape: tuple, leaves: list[Any]
-    ) -> _Plan:
+    def _slow_plan(self, shape: tuple, leaves: list[Any]) -> _Plan:
         """Tree structures that cannot be hashed (a Module static field holding a
         list, say) are compared by value, as Equinox allows them."""
-        for owner, known, plan in self._slow_plans:
-            if owner is slot and _same(known, shape):
+        for known, plan in self._slow_plans:
+            if _same(known, shape):
                 return plan
         plan = _Plan(leaves)
         if len(self._slow_plans) >= MAX_SLOW_PLANS:
             del self._slow_plans[0]
-        self._slow_plans.append((slot, shape, plan))
+        self._slow_plans.append((shape, plan))
         return plan
 
-    def _new_slot(self, fun: Any) -> _FunctionSlot:
-        functions = self._functions
-        key = id(fun)
-
-        def forget(ref: Any) -> None:
-            slot = functions.get(key)
-            if slot is not None and slot.ref is ref:
-                del functions[key]
-
-        slot = _FunctionSlot(weakref.ref(fun, forget))
-        _bounded_put(functions, key, slot, MAX_FUNCTIONS)
-        return slot
-
-    def _unhashable(
-        self,
-        fun: Any,
-        args: tuple,
-        kwargs: dict,
-        slot: _FunctionSlot | None,
-    ) -> SpecError:
+    def _unhashable(self, fun: Any, args: tuple, kwargs: dict) -> SpecError:
         names = leaf_names(fun, args, kwargs)
-        if slot is not None:  # the function itself is not among the flat leaves
-            names = names[1:]
-        leaves = _flatten((args, kwargs) if slot is not None else (fun, args, kwargs))[
-            0
-        ]
+        leaves = _flatten((fun, args, kwargs))[0]
         culprits = []
         for name, leaf in zip(names, leaves):
             if is_array(leaf):
@@ -352,24 +376,33 @@ class Compiled:
         treedef: Any,
         plan: _Plan,
         leaves: list[Any],
-        context: Any,
-        slot: _FunctionSlot | None,
+        key: Hashable,
         fun: Any,
         args: tuple,
     ) -> _Entry:
         entry = _Entry()
         run = self._run
         signature = plan.signature(leaves)
-        ref = None if slot is None else slot.ref
+        if plan.function_idx:
+            entries = plan.entries
+
+            def forget(_: Any) -> None:
+                if entries.get(key) is entry:
+                    del entries[key]
+
+            refs = []
+            for i in plan.function_idx:
+                ref = weakref.ref(signature[i], forget)
+                refs.append(ref)
+                signature[i] = _Weak(ref)
+            entry.refs = refs
 
         def body(arrays: tuple[Any, ...]) -> list[Any]:
-            tree = jtu.tree_unflatten(treedef, merge_leaves(signature, arrays))
-            if ref is None:
-                f, a, k = tree
-            else:
-                f = ref()
-                a, k = tree
-            out, shardings = run(f, a, k, context)
+            merged = merge_leaves(signature, arrays)
+            if plan.function_idx:
+                merged = [x.ref() if type(x) is _Weak else x for x in merged]
+            f, a, k = jtu.tree_unflatten(treedef, merged)
+            out, shardings = run(f, a, k, key[0])
             out_leaves, out_treedef = jtu.tree_flatten(out)
             out_arrays, out_signature = split_leaves(out_leaves)
             entry.record(out_treedef, out_signature, arrays, shardings)
@@ -381,7 +414,7 @@ class Compiled:
         keep_first = self._donate.endswith("except-first")
         kept: set[int] = set()
         if keep_first and args:
-            before = 0 if slot is not None else len(jtu.tree_leaves(fun))
+            before = len(jtu.tree_leaves(fun))
             first = range(before, before + len(jtu.tree_leaves(args[0])))
             kept = {n for n, i in enumerate(plan.array_idx) if i in first}
         donated_idx = [n for n in range(len(plan.array_idx)) if n not in kept]
@@ -398,20 +431,25 @@ class Compiled:
 
         entry.jitted = jax.jit(split_body, donate_argnums=0)
         entry.call = _DonatingCall(
-            entry.jitted,
-            _getter(donated_idx),
-            _getter(kept_idx),
-            quiet=self._donate.startswith("all"),
+            entry.jitted, donated_idx, kept_idx, quiet=self._donate.startswith("all")
         )
         entry.donating = True
         return entry
 
 
 class _DonatingCall:
-    __slots__ = ("jitted", "donated", "kept", "quiet")
+    __slots__ = ("jitted", "donated", "kept", "quiet", "donated_idx")
 
-    def __init__(self, jitted: Any, donated: Callable, kept: Callable, quiet: bool):
-        self.jitted, self.donated, self.kept, self.quiet = jitted, donated, kept, quiet
+    def __init__(
+        self,
+        jitted: Any,
+        donated_idx: list[int],
+        kept_idx: list[int],
+        quiet: bool,
+    ):
+        self.jitted, self.quiet, self.donated_idx = jitted, quiet, donated_idx
+        self.donated = _getter(donated_idx)
+        self.kept = _getter(kept_idx)
 
     def split(self, arrays: tuple) -> tuple[tuple, tuple]:
         return self.donated(arrays), self.kept(arrays)
