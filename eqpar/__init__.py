@@ -3,7 +3,6 @@
 from ._collectives import (
     all_gather as all_gather,
     axis_size as axis_size,
-    grad_mean as grad_mean,
     halo_exchange as halo_exchange,
     mark_varying as mark_varying,
     pmax as pmax,
@@ -28,6 +27,11 @@ from ._errors import (
     ReplicationError as ReplicationError,
     SpecError as SpecError,
     UnboundAxisError as UnboundAxisError,
+)
+from ._grad import (
+    filter_grad_mean as filter_grad_mean,
+    filter_value_and_grad_mean as filter_value_and_grad_mean,
+    grad_mean as grad_mean,
 )
 from ._jit import filter_jit as filter_jit
 from ._optax import pmean_updates as pmean_updates

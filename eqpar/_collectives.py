@@ -12,16 +12,15 @@ JAX stops casting implicitly. `psum` of an invariant value is `size * value`, ex
 as under `vmap`.
 """
 
-import math
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, ArrayLike, PyTree
+from jaxtyping import Array, PyTree
 
-from ._errors import AxisSizeError, ReplicationError, SpecError, UnboundAxisError
+from ._errors import AxisSizeError, SpecError, UnboundAxisError
 from ._specs import is_array
 
 
@@ -97,9 +96,17 @@ def mark_varying(tree: PyTree, axis_name: AxisName) -> PyTree:
     replicated (`P()`) input gives a gradient that autodiff has already summed over
     the axis. Marking the parameters varying first (`jax.lax.pcast(...,
     to="varying")` on each array leaf, leaving Module static fields alone) keeps
-    each device's gradient its own, e.g. for an example-weighted
-    [`eqpar.grad_mean`][] with `count`. Elsewhere (under `vmap`, `filter_pmap`, or
+    each device's gradient its own. Elsewhere (under `vmap`, `filter_pmap`, or
     `check_vma=False`) values are per device already and this returns `tree`.
+
+    !!! warning
+
+        This is a building block of [`eqpar.filter_value_and_grad_mean`][]; for
+        gradients use that. With parameters marked varying, the gradient of a loss
+        that is reduced across devices (`pmean`/`psum` inside the loss) is each
+        device's share of that one loss, not its own gradient, so averaging it with
+        [`eqpar.grad_mean`][] is off by the device count. `filter_value_and_grad_mean`
+        handles every kind of loss.
     """
     axis_size(axis_name)
     manual = _manual(axis_name)
@@ -233,91 +240,6 @@ def sensor_sum(
     """
     local = _map_arrays(lambda leaf: jnp.sum(leaf, axis=axis), x)
     return local if axis_name is None else psum(local, axis_name)
-
-
-def grad_mean(
-    grads: PyTree, axis_name: AxisName, *, count: ArrayLike | None = None
-) -> PyTree:
-    """The mean gradient across devices, correct under every transform.
-
-    Averages the inexact-array leaves of `grads` (e.g. from `eqx.filter_grad`);
-    other leaves pass through. It reads each leaf's replication type, so a gradient
-    that autodiff has already summed over the axis (a replicated `P()` parameter in
-    `filter_shard_map` with `check_vma=True`) is divided by the device count instead
-    of being averaged again as if it were per device.
-
-    **Arguments:**
-
-    - `grads`: the local gradient pytree; each device's gradient should be the mean
-        over its own examples.
-    - `axis_name`: the data-parallel axis (or a tuple of axes).
-    - `count`: the number of real examples on this device. With it the result is the
-        exact example-weighted mean `sum_d count_d * g_d / sum_d count_d`, so a padded
-        or uneven batch gives the single-device gradient of the real examples. A
-        device with `count == 0` contributes nothing (even if its gradient is NaN).
-
-    **Returns:**
-
-    The averaged gradients, identical on every device.
-
-    !!! warning
-
-        With `count`, every leaf must still be per device. A gradient that autodiff
-        already summed cannot be re-weighted and raises `eqpar.ReplicationError`:
-        differentiate with respect to parameters marked varying
-        ([`eqpar.mark_varying`][]), or normalise the loss by the global count
-        (`psum(count)`) and use `psum` of the gradient.
-    """
-    axis_size(axis_name)
-    manual = _manual(axis_name)
-    checked = _checked(manual)
-    names = _names(axis_name)
-    weight = None
-    if count is not None:
-        count_arr = jnp.asarray(count, dtype=jnp.float32)
-        if checked:
-            count_arr = _to_varying(count_arr, manual)
-        total = jax.lax.psum(count_arr, axis_name)
-        weight = (count_arr, total)
-
-    def mean(g: Any) -> Any:
-        if not (is_array(g) and jnp.issubdtype(jnp.result_type(g), jnp.inexact)):
-            return g
-        g = jnp.asarray(g)
-        summed = (
-            tuple(a for a in names if a in manual and a not in varying_axes(g))
-            if checked
-            else ()
-        )
-        per_device = tuple(a for a in names if a not in summed)
-        if weight is not None:
-            if summed:
-                raise ReplicationError(
-                    "grad_mean(count=...) got a gradient leaf of shape "
-                    f"{g.shape} that is already summed over axes {summed} (it is "
-                    "invariant: the gradient of a replicated `P()` input under "
-                    "`check_vma=True`), so the per-device gradients needed for an "
-                    "example-weighted mean are gone. Either differentiate with "
-                    "respect to parameters marked varying, "
-                    f"`eqpar.mark_varying(params, {axis_name!r})`, or "
-                    "normalise the loss by the global example count "
-                    f"(`eqpar.psum(count, {axis_name!r})`) so that the summed "
-                    "gradient already is the mean, and drop `count`."
-                )
-            count_arr, total = weight
-            local = jnp.where(count_arr > 0, g, jnp.zeros_like(g))
-            if checked:
-                local = _to_varying(local, manual)
-            return jax.lax.psum(
-                local * count_arr.astype(g.dtype), axis_name
-            ) / total.astype(g.dtype)
-        if summed:
-            g = g / math.prod(jax.lax.axis_size(a) for a in summed)
-        if per_device:
-            g = jax.lax.pmean(g, per_device)
-        return g
-
-    return jtu.tree_map(mean, grads)
 
 
 def ring_shift(tree: PyTree, axis_name: AxisName, *, shift: int = 1) -> PyTree:

@@ -5,12 +5,20 @@ from typing import Any
 import optax
 from jaxtyping import ArrayLike
 
-from ._collectives import AxisName, grad_mean
+from ._collectives import AxisName
+from ._grad import _grad_mean
 
 
 def pmean_updates(axis_name: AxisName) -> optax.GradientTransformationExtraArgs:
-    """An optax transformation that averages updates across devices with
+    """An optax transformation that averages per-device updates across devices with
     [`eqpar.grad_mean`][]; put it first in an `optax.chain`.
+
+    Like `grad_mean` it needs each device's own gradient: under `filter_vmap`,
+    `filter_pmap` and `check_vma=False` that is what `eqx.filter_grad` gives; under
+    `filter_shard_map` and `Parallel` with `check_vma=True` the gradient of a
+    replicated parameter is invariant, and `update` raises `eqpar.ReplicationError`.
+    Gradients from [`eqpar.filter_value_and_grad_mean`][] are averaged already: use a
+    plain optax chain without `pmean_updates` after it.
 
     **Arguments:**
 
@@ -46,6 +54,6 @@ def pmean_updates(axis_name: AxisName) -> optax.GradientTransformationExtraArgs:
         **extra_args: Any,
     ) -> tuple[optax.Updates, optax.OptState]:
         del params, extra_args
-        return grad_mean(updates, axis_name, count=count), state
+        return _grad_mean(updates, axis_name, count, "pmean_updates"), state
 
     return optax.GradientTransformationExtraArgs(init, update)

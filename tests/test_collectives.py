@@ -257,32 +257,31 @@ def test_grad_mean_with_count_under_pmap_and_vmap(n_examples, devices):
         _assert_params_close(jax.tree.map(lambda g: g[0], out), ref, rtol=2e-5)
 
 
-def test_grad_mean_of_an_already_summed_gradient(mesh8):
-    """check_vma=True: the gradient of a P() input comes back summed; grad_mean must
-    divide it by the device count, not average it again."""
+@pytest.mark.parametrize("count", [None, 1])
+def test_grad_mean_of_an_invariant_gradient_raises(mesh8, count):
+    """check_vma=True: the gradient of a P() input comes back invariant (here summed
+    by autodiff, but it could be an average or a term that never varied): grad_mean
+    raises rather than guess, with or without count; the one-call helper is exact."""
     w = jnp.array([1.0, 2.0])
     x = jnp.arange(16.0).reshape(8, 2)
 
     def local_loss(w, x):
-        return jnp.mean(x @ w)
+        return jnp.mean(jnp.tanh(x @ w))
 
     @eqpar.filter_shard_map(mesh=mesh8, in_specs=(P(), P("data")), out_specs=P())
     def mean_grad(w, x):
         g = jax.grad(local_loss)(w, x)
-        assert not eqpar.varying_axes(g)  # already summed by autodiff
-        return eqpar.grad_mean(g, "data")
+        assert not eqpar.varying_axes(g)  # invariant: autodiff summed it
+        return eqpar.grad_mean(g, "data", count=count)
 
-    expected_grad = jnp.mean(
-        jnp.stack([jax.grad(local_loss)(w, x[i : i + 1]) for i in range(8)]), axis=0
-    )
-    assert_tree_allclose(mean_grad(w, x), expected_grad)
+    with pytest.raises(eqpar.ReplicationError, match="filter_value_and_grad_mean"):
+        mean_grad(w, x)
 
     @eqpar.filter_shard_map(mesh=mesh8, in_specs=(P(), P("data")), out_specs=P())
-    def weighted(w, x):
-        return eqpar.grad_mean(jax.grad(local_loss)(w, x), "data", count=1)
+    def helper(w, x):
+        return eqpar.filter_grad_mean(local_loss, "data")(w, x, count=count)
 
-    with pytest.raises(eqpar.ReplicationError, match="already summed.*mark_varying"):
-        weighted(w, x)
+    assert_tree_allclose(helper(w, x), jax.grad(local_loss)(w, x))
 
 
 # ------------------------------------------------------------- shard_map kernels
