@@ -23,6 +23,7 @@ from ._distributed import (
 from ._errors import (
     AxisSizeError as AxisSizeError,
     EqparError as EqparError,
+    EqparWarning as EqparWarning,
     MeshError as MeshError,
     ReplicationError as ReplicationError,
     SpecError as SpecError,

@@ -5,6 +5,10 @@ Module fields, `None`, Python objects) untouched. They work under
 `filter_vmap(axis_name=...)`, `filter_pmap(axis_name=...)` and `filter_shard_map`
 (whose mesh axes are bound), and raise `UnboundAxisError` anywhere else.
 
+A Python number (outside a Module, whose non-array fields are static) means what it
+means to `jax.lax`: a constant, the same on every device, so `psum(1, name)` is the
+axis size and `pmean(2.5, name)` is `2.5`.
+
 Replication typing (`check_vma=True` in `shard_map`): an invariant value (one that is
 the same on every device, e.g. a `P()` input) is cast to varying before a collective
 that needs a varying operand, so every collective accepts any operand, now and when
@@ -15,12 +19,13 @@ as under `vmap`.
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from ._errors import AxisSizeError, SpecError, UnboundAxisError
+from ._errors import AxisSizeError, ReplicationError, SpecError, UnboundAxisError
 from ._specs import is_array
 
 
@@ -119,20 +124,72 @@ def _map_arrays(fn: Callable[[Any], Any], tree: Any) -> Any:
     return jtu.tree_map(lambda x: fn(x) if is_array(x) else x, tree)
 
 
+def _is_number(x: Any) -> bool:
+    """A Python number (NumPy scalars are arrays, see `is_array`)."""
+    return isinstance(x, (bool, int, float, complex))
+
+
+def _unmapped_names(axis_name: AxisName) -> list[Hashable]:
+    """The names among `axis_name` that JAX cannot reduce over here: `vmap` axes
+    (bound by `filter_vmap(axis_name=...)` or `jax.vmap`) inside a `shard_map` with
+    replication checking on. JAX's `check_vma` typing knows only mesh axes and fails
+    with a bare `AssertionError` on the others."""
+    manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    others = [n for n in _names(axis_name) if n not in manual]
+    return others if others and _checked(manual) else []
+
+
+def vmap_axis_error(subject: str) -> ReplicationError:
+    """The error for a collective over a vmap axis in a `check_vma=True` shard_map;
+    `subject` names the collective and its axis."""
+    return ReplicationError(
+        f"{subject} is bound by `filter_vmap(axis_name=...)` (or `jax.vmap`) inside "
+        "`filter_shard_map` or `Parallel` with replication checking on "
+        "(`check_vma=True`), whose typing knows only mesh axes: JAX "
+        f"{jax.__version__} cannot reduce over a vmap axis there. Pass "
+        "`check_vma=False` to the enclosing `filter_shard_map` / `Parallel` (values "
+        "are then per device, as under `filter_pmap`; average gradients with "
+        "`eqpar.filter_value_and_grad_mean`), or reduce over the vmap axis without a "
+        "collective (e.g. `jnp.mean` of the `filter_vmap` output)."
+    )
+
+
 def _collective(
     op: Callable[..., Any], tree: Any, axis_name: AxisName, **kwargs: Any
 ) -> Any:
+    """Applies `op` to each array leaf, and to each Python number outside a Module
+    as `jax.lax` does (a constant: `psum(1, name)` is the axis size)."""
     axis_size(axis_name)
     manual = _manual(axis_name)
     cast = _checked(manual)
+    unmapped = _unmapped_names(axis_name)
 
     def apply(x: Any) -> Any:
+        if unmapped:
+            raise vmap_axis_error(f"The axis {unmapped} of `eqpar.{_op_name(op)}`")
         x = jnp.asarray(x)
         if cast:
             x = _to_varying(x, manual)
         return op(x, axis_name, **kwargs)
 
-    return _map_arrays(apply, tree)
+    def visit(x: Any) -> Any:
+        if isinstance(x, eqx.Module):  # a Module's non-array fields are static
+            return _map_arrays(apply, x)
+        if is_array(x):
+            return apply(x)
+        if _is_number(x):
+            return op(x, axis_name, **kwargs)
+        return x
+
+    return jtu.tree_map(visit, tree, is_leaf=_is_module)
+
+
+def _is_module(x: Any) -> bool:
+    return isinstance(x, eqx.Module)
+
+
+def _op_name(op: Callable[..., Any]) -> str:
+    return getattr(op, "__name__", "collective")
 
 
 def psum(tree: PyTree, axis_name: AxisName) -> PyTree:
@@ -140,13 +197,28 @@ def psum(tree: PyTree, axis_name: AxisName) -> PyTree:
 
     **Arguments:**
 
-    - `tree`: any pytree; non-array leaves pass through.
+    - `tree`: any pytree. Array leaves are summed; a Python number is a constant,
+        as in `jax.lax.psum` (so `psum(1, name)` is the axis size); other leaves
+        (and a Module's non-array fields) pass through.
     - `axis_name`: a bound axis name, or a tuple of names (e.g. `("data", "model")`).
 
     **Returns:**
 
     The same structure, each array leaf replaced by its sum over the axis (the same
     on every device).
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, eqpar
+
+        @eqpar.filter_vmap(axis_name="i")
+        def share(x):
+            return x / eqpar.psum(1, "i"), eqpar.psum(x, "i")
+
+        part, total = share(jnp.arange(4.0))
+        assert (part == jnp.arange(4.0) / 4).all() and (total == 6.0).all()
+        ```
     """
     return _collective(jax.lax.psum, tree, axis_name)
 
@@ -194,8 +266,29 @@ def psum_scatter(
     With `tiled=False` that dimension must equal the axis size and is removed; with
     `tiled=True` it must be a multiple of it and is divided by it.
     """
+    n = axis_size(axis_name)
+
+    def psum_scatter(x: Any, name: AxisName, **kwargs: Any) -> Any:
+        shape = jnp.shape(x)
+        if not -len(shape) <= scatter_dimension < len(shape):
+            raise SpecError(
+                f"psum_scatter got scatter_dimension={scatter_dimension} for a value "
+                f"of shape {shape}, which has no such dimension: each device keeps a "
+                "slice of the sum along that dimension, so it must exist (a scalar "
+                "cannot be scattered; use `eqpar.psum` for it)."
+            )
+        size = shape[scatter_dimension]
+        if (size % n) if tiled else (size != n):
+            raise AxisSizeError(
+                f"psum_scatter(tiled={tiled}) got a value of shape {shape} whose "
+                f"dimension {scatter_dimension} has size {size}, but the axis "
+                f"{axis_name!r} has {n} devices: with tiled=False that dimension "
+                "must equal the axis size, with tiled=True be a multiple of it."
+            )
+        return jax.lax.psum_scatter(x, name, **kwargs)
+
     return _collective(
-        jax.lax.psum_scatter,
+        psum_scatter,
         tree,
         axis_name,
         scatter_dimension=scatter_dimension,

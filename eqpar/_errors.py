@@ -5,6 +5,26 @@ eqpar's complaints precisely, and each subclasses the builtin a user would reach
 first (`ValueError`, `NameError`), so that generic handlers keep working.
 """
 
+from typing import Annotated, Any, TYPE_CHECKING, TypeVar
+
+
+_T = TypeVar("_T")
+
+if TYPE_CHECKING:
+    Checked = Annotated[_T, "validated by eqpar"]
+else:
+
+    class _Checked:
+        """`Checked[T]` is `T` to a static type checker and `Any` at run time: an
+        option that eqpar validates itself, so that a wrong value gets eqpar's
+        error (which says what to do) also under a runtime type checker such as
+        beartype."""
+
+        def __getitem__(self, item: Any) -> Any:
+            return Any
+
+    Checked = _Checked()
+
 
 class EqparError(Exception):
     """Base class of every error eqpar raises on purpose."""
@@ -33,3 +53,8 @@ class ReplicationError(EqparError, ValueError):
 
 class UnboundAxisError(EqparError, NameError):
     """A collective named an axis that no enclosing transform binds."""
+
+
+class EqparWarning(UserWarning):
+    """A call that runs but is probably not what was meant, e.g. a random key that
+    `Parallel` broadcasts, so that every device draws the same numbers."""
