@@ -7,6 +7,7 @@ from collections.abc import Callable, Hashable, Set
 from typing import Any, overload
 
 import jax
+import jax.core
 import jax.tree_util as jtu
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
@@ -235,8 +236,8 @@ def check_shard_map_options(
     ):
         raise SpecError(
             f"{who} got axis_names={axis_names!r}; it must be a set of mesh axis "
-            f"names, e.g. axis_names={{{axis_names!r}}} (a string would be read as "
-            "a set of its characters), or None for every axis of the mesh."
+            f"names, e.g. `axis_names={{{axis_names!r}}}` (a string would be read "
+            "as a set of its characters), or None for every axis of the mesh."
         )
     if mesh is not None and axis_names is not None:
         unknown = [a for a in axis_names if a not in mesh.axis_names]
@@ -308,9 +309,15 @@ def trace_shard_map(call: Callable[[], Any], check_vma: bool) -> Any:
     axes) into an eqpar error that names the switch."""
     try:
         return call()
-    except AssertionError as e:
-        frames = traceback.extract_tb(e.__traceback__)
-        if check_vma and frames and frames[-1].name == "pvary":
+    except (AssertionError, ValueError) as e:
+        if not check_vma:
+            raise
+        if isinstance(e, AssertionError):
+            frames = traceback.extract_tb(e.__traceback__)
+            ours = bool(frames) and frames[-1].name == "pvary"
+        else:  # a tuple of a mesh axis and a vmap axis
+            ours = "can only accept axis_name which corresponds" in str(e)
+        if ours:
             raise vmap_axis_error(
                 "An axis of a `jax.lax` collective inside the function (e.g. the "
                 "`pmean` of `eqx.nn.BatchNorm(axis_name=...)`)"
