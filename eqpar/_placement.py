@@ -9,13 +9,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
-from ._errors import AxisSizeError, MeshError, SpecError
+from ._errors import AxisSizeError, Checked, MeshError, SpecError
 from ._shard_map import check_divides, check_spec
 from ._specs import broadcast_specs, is_array
 
@@ -32,6 +33,15 @@ def data_mesh(axis_name: str = "data", devices: Sequence[Any] | None = None) -> 
 
     A `jax.sharding.Mesh` with JAX's default (Explicit) axis type, usable as
     `mesh=` or as a context mesh (`with jax.set_mesh(eqpar.data_mesh()):`).
+
+    !!! warning
+
+        Explicit axes make sharding part of an array's type, and JAX then needs the
+        mesh as context to differentiate outside `jit`: `jax.grad` of an eager
+        `filter_shard_map` or `Parallel` call on this mesh raises
+        `eqpar.MeshError`. Differentiate under `with jax.set_mesh(mesh):`, or
+        inside `jax.jit` / `eqpar.filter_jit`. (A mesh with Auto axes has no such
+        requirement.)
     """
     devs = list(jax.devices() if devices is None else devices)
     if not devs:
@@ -126,31 +136,75 @@ def _is_copies(x: Any, sharding: jax.sharding.Sharding) -> bool:
     return isinstance(sharding, NamedSharding) and (x.ndim == 0 or x.shape[0] != 1)
 
 
+_EXPECTS = (
+    "unreplicate expects per-device values: a leading axis with one entry per "
+    "device, each device holding its own (as `filter_pmap` and "
+    "`Parallel(reduce=None)` return), or an array replicated over several devices "
+    "(`eqpar.replicate`)."
+)
+
+
 def _per_device(x: Any, where: str) -> Any:
-    """`x` as a stack of per-device values along axis 0."""
+    """`x` as a stack of per-device values along axis 0, gathered onto every device
+    when it is sharded over Explicit mesh axes (which cannot be indexed or reduced
+    over while sharded). Raises for an array whose leading axis is not a device
+    axis."""
+    if isinstance(x, jax.core.Tracer):  # under a trace placement is unknown
+        return x
     sharding = getattr(x, "sharding", None)
     if sharding is not None and _is_copies(x, sharding):  # one copy per device
         return jnp.broadcast_to(x, (len(sharding.device_set), *x.shape))
     if np.ndim(x) == 0:
         raise SpecError(
-            f"unreplicate got {where}, a scalar with no device axis. It expects per-"
-            "device values: a leading axis with one entry per device (as "
-            "`filter_pmap` and `Parallel(reduce=None)` return), or an array "
-            "replicated over several devices (`eqpar.replicate`)."
+            f"unreplicate got {where}, a scalar with no device axis. " + _EXPECTS
         )
+    if sharding is None:
+        raise SpecError(
+            f"unreplicate got {where}, a NumPy array of shape {np.shape(x)}, which "
+            "carries no placement, so its leading axis cannot be a device axis. "
+            + _EXPECTS
+            + " If it does hold one value per device, reduce it directly (`x[0]`, "
+            "`x.mean(0)`)."
+        )
+    devices = len(sharding.device_set)
+    rows = sharding.shard_shape(x.shape)[0]
+    if not (rows == 1 and (x.shape[0] > 1 or devices == 1)):
+        placed = (
+            "on one device"
+            if devices == 1
+            else f"split over {devices} devices with {rows} rows of it on each"
+            if rows < x.shape[0]
+            else f"on {devices} devices, not split along it"
+        )
+        raise SpecError(
+            f"unreplicate got {where}, of shape {x.shape}, whose leading axis (size "
+            f"{x.shape[0]}) is not a device axis: it lies {placed}. "
+            + _EXPECTS
+            + " If the leading axis does hold one value per device (e.g. gathered "
+            "onto one device), reduce it directly (`x[0]`, `x.mean(0)`)."
+        )
+    if (
+        isinstance(sharding, NamedSharding)
+        and any(t == AxisType.Explicit for t in sharding.mesh.axis_types)
+        and not sharding.is_fully_replicated
+    ):
+        x = jax.device_put(x, NamedSharding(sharding.mesh, P()))
     return x
 
 
-def unreplicate(tree: PyTree, reduce: Reduce = "first") -> PyTree:
+def unreplicate(tree: PyTree, reduce: Checked[Reduce] = "first") -> PyTree:
     """Reduces per-device values to one, leaf by leaf (Objax's table).
 
     **Arguments:**
 
     - `tree`: a pytree whose array leaves hold per-device values: a leading device
-        axis, or a copy on each device (an array replicated with
-        [`eqpar.replicate`][]). Non-array leaves pass through. On one device,
-        where the two look alike, an array placed on a mesh counts as a copy
-        unless its leading axis has size 1 (a one-device axis).
+        axis (split over the devices, one entry on each, as `filter_pmap` and
+        `Parallel(reduce=None)` return), or a copy on each device (an array
+        replicated with [`eqpar.replicate`][]). Non-array leaves pass through. On
+        one device, where the two look alike, an array placed on a mesh counts as
+        a copy unless its leading axis has size 1 (a one-device axis). Any other
+        array (one never replicated, a NumPy array, a concatenated batch) raises
+        `eqpar.SpecError` rather than reading its axis 0 as devices.
     - `reduce`: `"first"` (device 0's value, dtype kept), `"mean"` (a float mean),
         `"sum"`, `"stack"` (the per-device values stacked on a leading axis) or a
         callable applied to each leaf's `(devices, ...)` stack.
