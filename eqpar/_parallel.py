@@ -7,6 +7,7 @@ reduction of the outputs and the trimming of the padding.
 """
 
 import functools as ft
+import warnings
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -19,10 +20,23 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
 from ._collectives import varying_axes
-from ._dispatch import Compiled, Transformed
-from ._errors import AxisSizeError, MeshError, SpecError
+from ._dispatch import (
+    check_donate,
+    Compiled,
+    Donate,
+    shared,
+    Transformed,
+    transformed,
+)
+from ._errors import AxisSizeError, Checked, EqparWarning, MeshError, SpecError
 from ._placement import STACK_REDUCTIONS
-from ._shard_map import check_context_mesh, match_explicit
+from ._shard_map import (
+    check_context_mesh,
+    check_eager_autodiff,
+    check_shard_map_options,
+    match_explicit,
+    trace_shard_map,
+)
 from ._specs import check_int_axes, is_array, leaf_names, resolve_call_specs
 from ._vmap import AxisSpec
 
@@ -30,6 +44,7 @@ from ._vmap import AxisSpec
 # "concat" | "mean" | "first" | None | callable (a `str`, not a Literal: see Reduce in
 # _placement.py).
 ParallelReduce = str | None | Callable[[Any], Any]
+_REDUCE = ("concat", "mean", "first")
 
 
 def _is_scalar_key(leaf: Any) -> bool:
@@ -40,36 +55,115 @@ def _is_scalar_key(leaf: Any) -> bool:
     )
 
 
+def _is_legacy_key(leaf: Any) -> bool:
+    return is_array(leaf) and np.shape(leaf) == (2,) and leaf.dtype == np.uint32
+
+
+class _BatchAxes:
+    """Parallel's default `in_axes`: axis 0 of every array argument is the batch,
+    except the arrays of a Module or an `eqx.nn.State` (weights, state: broadcast)
+    and scalars other than a typed key (one value for the whole batch: broadcast).
+    A scalar typed key maps, i.e. becomes one key per example."""
+
+    def __call__(self, leaf: Any) -> Any:
+        return _DEFAULT  # replaced leaf by leaf by `_default_axes`
+
+    def __repr__(self) -> str:
+        return "batch"
+
+
+BATCH = _BatchAxes()
+_DEFAULT = object()
+
+
+def _default_axes(fun: Any, args: tuple, kwargs: dict) -> list[Any]:
+    """`BATCH`'s axis for every leaf of `(fun, args, kwargs)`, in flatten order."""
+    axes: list[Any] = [None] * len(jtu.tree_leaves(fun))
+    for arg in (*args, *(kwargs[k] for k in sorted(kwargs))):
+        for leaf in jtu.tree_leaves(arg, is_leaf=_is_module):
+            if _is_module(leaf):
+                axes += [None] * len(jtu.tree_leaves(leaf))
+            elif is_array(leaf) and (np.ndim(leaf) > 0 or _is_scalar_key(leaf)):
+                axes.append(0)
+            else:
+                axes.append(None)
+    return axes
+
+
+def _is_module(x: Any) -> bool:
+    return isinstance(x, (eqx.Module, eqx.nn.State))
+
+
+def _resolve_axes(in_axes: Any, fun: Any, args: tuple, kwargs: dict) -> list[Any]:
+    axes = resolve_call_specs(in_axes, fun, args, kwargs, default=BATCH, what="in_axes")
+    if any(a is _DEFAULT for a in axes):
+        defaults = _default_axes(fun, args, kwargs)
+        axes = [d if a is _DEFAULT else a for a, d in zip(axes, defaults)]
+    return axes
+
+
+def _check_sizes(
+    axes: list[Any], keys: list[bool], leaves: list[Any], names: Callable[[], list]
+) -> int | None:
+    try:
+        return check_int_axes(
+            [None if k else a for a, k in zip(axes, keys)], leaves, names, "in_axes"
+        )
+    except AxisSizeError as e:
+        legacy = [
+            names()[i]
+            for i, (leaf, a) in enumerate(zip(leaves, axes))
+            if a is not None and _is_legacy_key(leaf)
+        ]
+        if not legacy:
+            raise
+        raise AxisSizeError(
+            f"{e}\n{legacy[0]} looks like a legacy `jax.random.PRNGKey` (uint32[2]), "
+            "which Parallel maps like any batch array. Only typed keys "
+            "(`jax.random.key(seed)`) are expanded into one key per example: pass "
+            "`jax.random.key(seed)`, or `jax.random.wrap_key_data(key)` for an "
+            "existing one."
+        ) from None
+
+
+def _warn_broadcast_key(name: str) -> None:
+    warnings.warn(
+        f"Parallel broadcasts the random key {name} unchanged (its in_axes is "
+        "None), so every device, and every example, draws the same numbers. For "
+        "per-example randomness that does not depend on the device count, map the "
+        "key instead: give it in_axes 0 (the default does), and Parallel passes "
+        "`fun` one key per example, `fold_in(key, example_index)`.",
+        EqparWarning,
+        stacklevel=2,
+    )
+
+
 def _parallel_run(
     reduce: ParallelReduce,
-    axis_name: Hashable,
+    axis_name: Hashable | None,
     in_axes: Any,
+    check_vma: bool,
     fun: Any,
     args: tuple,
     kwargs: dict,
     mesh: Mesh,
 ) -> tuple[Any, list[NamedSharding]]:
+    if axis_name is None:
+        axis_name = mesh.axis_names[0]
     leaves, treedef = jtu.tree_flatten((fun, args, kwargs))
-    axes = resolve_call_specs(
-        in_axes, fun, args, kwargs, default=eqx.if_array(0), what="in_axes"
-    )
+    axes = _resolve_axes(in_axes, fun, args, kwargs)
+    names = ft.cache(lambda: leaf_names(fun, args, kwargs))
     keys = [a is not None and _is_scalar_key(leaf) for leaf, a in zip(leaves, axes)]
-    size = check_int_axes(
-        [None if k else a for a, k in zip(axes, keys)],
-        leaves,
-        lambda: leaf_names(fun, args, kwargs),
-        "in_axes",
-    )
+    for i, (leaf, a) in enumerate(zip(leaves, axes)):
+        if a is None and _is_scalar_key(leaf):
+            _warn_broadcast_key(names()[i])
+    size = _check_sizes(axes, keys, leaves, names)
     if size is None:
         raise SpecError(
             "Parallel splits a batch along the mapped axis of its arguments, but no "
-            "argument is mapped (every array leaf has in_axes None). Map the batch "
-            "argument (the default maps axis 0 of every array)."
-        )
-    if size == 0:
-        raise AxisSizeError(
-            "Parallel got a batch of 0 examples: there is nothing to split over the "
-            "devices. Skip the call for an empty batch."
+            "argument is mapped (every array leaf has in_axes None, and the default "
+            "broadcasts Modules and scalars). Pass the batch as an array argument, "
+            "or map it explicitly, e.g. in_axes=(None, 0)."
         )
     devices = mesh.shape[axis_name]
     pad = (-size) % devices
@@ -124,7 +218,7 @@ def _parallel_run(
         for leaf in out_leaves:
             if is_array(leaf):
                 leaf, spec, is_stacked = _per_device_output(
-                    jnp.asarray(leaf), reduce, axis_name, total // devices, pad
+                    jnp.asarray(leaf), reduce, axis_name, total // devices, check_vma
                 )
                 arrays.append(leaf)
                 leaf_specs.append(spec)
@@ -138,8 +232,15 @@ def _parallel_run(
 
     check_context_mesh(mesh, "Parallel")
     inputs = match_explicit(mesh, inputs, specs)
-    outs = jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs)(
-        *inputs
+    outs = trace_shard_map(
+        lambda: jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=tuple(specs),
+            out_specs=out_specs,
+            check_vma=check_vma,
+        )(*inputs),
+        check_vma,
     )
     out_def, signature, stacked = structure
     if reduce == "concat":
@@ -159,7 +260,11 @@ def _parallel_run(
 
 
 def _per_device_output(
-    leaf: Any, reduce: ParallelReduce, axis_name: Hashable, per_device: int, pad: int
+    leaf: Any,
+    reduce: ParallelReduce,
+    axis_name: Hashable,
+    per_device: int,
+    check_vma: bool,
 ) -> tuple[Any, P, bool]:
     """One output leaf inside the per-device body: the value to return, its out_spec,
     and whether it comes back as a `(devices, ...)` stack still to be reduced.
@@ -167,32 +272,33 @@ def _per_device_output(
     "first" and "mean" of a value every device holds identically (invariant over
     the axis, e.g. after `pmean`) is that value: it leaves each device as it is, with
     no stack to build or communicate. A varying value is averaged in place with one
-    all-reduce ("mean"), or stacked for device 0's to be taken ("first").
+    all-reduce ("mean"), or stacked for device 0's to be taken ("first"). Without
+    replication types (`check_vma=False`) every value may vary.
     """
     if reduce == "concat":
-        _check_concat(leaf, per_device, pad)
+        _check_concat(leaf, per_device)
         return leaf, P(axis_name), False
     if reduce in ("first", "mean"):
-        if axis_name not in varying_axes(leaf):
+        if check_vma and axis_name not in varying_axes(leaf):
             return leaf, P(), False
         if reduce == "mean" and jnp.issubdtype(leaf.dtype, jnp.inexact):
             return jax.lax.pmean(leaf, axis_name), P(), False
     return leaf[None], P(axis_name), True
 
 
-def _check_concat(leaf: Any, per_device: int, pad: int) -> None:
-    if leaf.ndim == 0:
+def _check_concat(leaf: Any, per_device: int) -> None:
+    """A concatenated output must be per example: one row per example of the device,
+    so that the result is what one device would return (and padding can be
+    trimmed), whether or not the batch was padded."""
+    if leaf.ndim == 0 or leaf.shape[0] != per_device:
+        got = "a scalar" if leaf.ndim == 0 else f"{leaf.shape[0]} rows"
         raise SpecError(
-            "Parallel(reduce='concat') concatenates each output along its first axis, "
-            "but an output is a scalar. Return per-example values, or use "
-            "reduce='mean', 'first' or None for per-device results."
-        )
-    if pad and leaf.shape[0] != per_device:
-        raise SpecError(
-            f"Parallel(reduce='concat') padded the batch, so it must trim the padding "
-            f"from each output's first axis, but an output has {leaf.shape[0]} rows "
-            f"where this device has {per_device} examples. Return per-example "
-            "outputs, or pad the batch to a multiple of the device count yourself."
+            "Parallel(reduce='concat') concatenates each output along its first "
+            "axis, one row per example, but an output (of per-device shape "
+            f"{leaf.shape}) has {got} where each device has {per_device} examples. "
+            "Return per-example outputs (first axis = the batch), or use "
+            "reduce='mean', 'first', None (stacked per device) or a callable for "
+            "per-device results such as a loss or a sum."
         )
 
 
@@ -222,16 +328,36 @@ class Parallel(eqx.Module):
             the cheap way to return a replicated model.
         - a callable applied to each output's `(devices, ...)` stack.
         These last four need a batch that divides (pad it with `eqpar.pad_batch`).
-    - `axis_name`: the device axis name, for collectives inside `fun`.
+        An empty batch gives empty outputs (as `jax.vmap` does).
+    - `axis_name`: the device axis name, for collectives inside `fun`. Default: the
+        only axis of `mesh`, or `"devices"` on the mesh `Parallel` builds.
     - `in_axes`: as [`eqpar.filter_vmap`][]: `None` broadcasts an argument to every
-        device; non-array leaves are static.
-    - `mesh`: a mesh with an axis `axis_name` (default: all devices).
+        device; non-array leaves are static. The default splits axis 0 of every
+        array argument (the batch), and broadcasts the arrays of Modules (and of
+        `eqx.nn.State`) and scalars: a model's weights are never split, even when
+        their shape happens to fit the batch. A dict keyed by parameter name gives
+        the arguments it names their spec and the others this default.
+    - `mesh`: a mesh with an axis `axis_name` (default: all devices, Auto axes).
+    - `check_vma`: replication typing in the per-device program, as for
+        [`eqpar.filter_shard_map`][]. Pass `False` for collectives over a
+        `filter_vmap` axis inside `fun` (e.g. a data-parallel
+        `eqx.nn.BatchNorm(axis_name=(axis_name, "batch"))`), which JAX cannot type;
+        `"first"`/`"mean"` then treat every output as per device.
+    - `donate`: which input buffers the compiled call may reuse, as for
+        [`eqpar.filter_jit`][] (`"none"`, the default, `"all"`,
+        `"all-except-first"`, `"warn"`, `"warn-except-first"`).
 
     **Randomness:** a scalar typed key (`jax.random.key(seed)`) in a mapped argument
     becomes one key per example, `fold_in(key, example_index)`, sharded like the
     batch: `fun` gets its shard of keys (vmap over them), and the result is the same
     on 1, 2, 4 or 8 devices. A key given with `in_axes=None` is broadcast unchanged,
-    so every device draws the *same* numbers: usually a bug.
+    so every device draws the *same* numbers: usually a bug, and `Parallel` warns
+    (`eqpar.EqparWarning`). A legacy `jax.random.PRNGKey` (`uint32[2]`) is not a
+    key to `Parallel`, only data: pass a typed key.
+
+    **Autodiff on an Explicit mesh:** with `mesh=eqpar.data_mesh()` (Explicit axes),
+    differentiate under `with jax.set_mesh(mesh):` or inside `jit`; outside both,
+    `Parallel` raises `eqpar.MeshError` (JAX cannot do it).
 
     !!! example
 
@@ -250,45 +376,79 @@ class Parallel(eqx.Module):
     _call: Transformed
     reduce: ParallelReduce = eqx.field(static=True)
     axis_name: Hashable = eqx.field(static=True)
+    _explicit_mesh: Mesh | None = eqx.field(static=True)
 
     def __init__(
         self,
-        fun: Callable[..., Any],
+        fun: Checked[Callable[..., Any]],
         *,
-        reduce: ParallelReduce = "concat",
-        axis_name: Hashable = "devices",
-        in_axes: PyTree[AxisSpec] = eqx.if_array(0),
-        mesh: Mesh | None = None,
+        reduce: Checked[ParallelReduce] = "concat",
+        axis_name: Hashable | None = None,
+        in_axes: PyTree[AxisSpec] = BATCH,
+        mesh: Checked[Mesh | None] = None,
+        check_vma: Checked[bool] = True,
+        donate: Checked[Donate] = "none",
     ):
-        if isinstance(reduce, str) and reduce not in ("concat", "mean", "first"):
+        if not callable(fun):
+            raise SpecError(
+                f"Parallel runs a function, but was given {type(fun).__name__} "
+                f"{fun!r:.80}, which is not callable: `eqpar.Parallel(fn, ...)`."
+            )
+        if not (reduce is None or callable(reduce) or reduce in _REDUCE):
             raise SpecError(
                 f"Parallel got reduce={reduce!r}; use 'concat', 'mean', 'first', None "
                 "or a callable on the (devices, ...) stack of each output."
             )
+        check_shard_map_options(mesh, None, check_vma, "Parallel")
+        donate = check_donate(donate)
+        if mesh is not None and axis_name is None:
+            if len(mesh.axis_names) != 1:
+                raise MeshError(
+                    f"Parallel got a mesh with axes {tuple(mesh.axis_names)} and no "
+                    "axis_name: name the axis to split the batch over, e.g. "
+                    f"`axis_name={mesh.axis_names[0]!r}`."
+                )
+            axis_name = mesh.axis_names[0]
         if mesh is not None and axis_name not in mesh.axis_names:
             raise MeshError(
                 f"Parallel's axis_name={axis_name!r} is not an axis of the mesh, "
-                f"whose axes are {tuple(mesh.axis_names)}."
+                f"whose axes are {tuple(mesh.axis_names)}: pass one of them (or "
+                "leave axis_name out on a one-axis mesh)."
             )
-        run = ft.partial(_parallel_run, reduce, axis_name, in_axes)
-        if mesh is None:
+        if axis_name is None:
+            axis_name = "devices"
+        # The backend and its options, shared by every Parallel with the same
+        # options (a fresh Parallel per call compiles once); `context` gives the
+        # mesh per call.
+        name = axis_name
 
-            def context() -> Mesh:
-                return _default_mesh(axis_name, tuple(jax.devices()))
+        def make() -> Compiled:
+            run = ft.partial(_parallel_run, reduce, name, in_axes, check_vma)
+            if mesh is None:
 
-        else:
-            fixed = mesh
+                def context() -> Mesh:
+                    return _default_mesh(name, tuple(jax.devices()))
 
-            def context() -> Mesh:
-                return fixed
+            else:
+                fixed = mesh
 
-        self._call = Transformed(fun, Compiled(run, context_fn=context))
+                def context() -> Mesh:
+                    return fixed
+
+            return Compiled(run, context_fn=context, donate=donate)
+
+        options = (reduce, axis_name, in_axes, mesh, check_vma, donate)
+        self._call = transformed(fun, shared("parallel", options, make))
         self.reduce = reduce
         self.axis_name = axis_name
+        explicit = mesh is not None and AxisType.Explicit in mesh.axis_types
+        self._explicit_mesh = mesh if explicit else None
 
     @property
     def __wrapped__(self) -> Callable[..., Any]:
         return self._call._fun
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        if self._explicit_mesh is not None:
+            check_eager_autodiff(self._explicit_mesh, (args, kwargs), "Parallel")
         return self._call(*args, **kwargs)

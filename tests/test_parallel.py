@@ -87,12 +87,14 @@ def test_randomness_does_not_depend_on_device_count(n, getkey):
 
 
 def test_broadcast_key_is_the_same_everywhere():
-    """The documented pitfall: a key with in_axes=None draws alike on every device."""
+    """The documented pitfall: a key with in_axes=None draws alike on every device,
+    and Parallel warns that it does."""
     x = jnp.ones((16, 16))
-    out = eqpar.Parallel(
-        lambda x, k: jnp.where(jax.random.bernoulli(k, 0.5, x.shape), x, 0.0),
-        in_axes=(0, None),
-    )(x, jax.random.key(0))
+    with pytest.warns(eqpar.EqparWarning, match="same numbers.*in_axes 0"):
+        out = eqpar.Parallel(
+            lambda x, k: jnp.where(jax.random.bernoulli(k, 0.5, x.shape), x, 0.0),
+            in_axes=(0, None),
+        )(x, jax.random.key(0))
     shards = np.asarray(out).reshape(8, 2, 16)
     assert (shards == shards[:1]).all()
 
@@ -147,9 +149,21 @@ def _single(model, state, x, y, optimiser):
 # ------------------------------------------------------------- bad input
 
 
-def test_empty_batch():
-    with pytest.raises(eqpar.AxisSizeError, match="0 examples"):
-        eqpar.Parallel(lambda x: x)(jnp.ones((0, 3)))
+@pytest.mark.parametrize("reduce", ["concat", None, "first", "mean"])
+def test_empty_batch_gives_empty_outputs_like_vmap(reduce):
+    """An empty batch is split like any other (0 examples per device): outputs are
+    what `jax.vmap` / `shard_map` give for it, not an error."""
+    x = jnp.ones((0, 3))
+    f = lambda x: (2 * x, x.sum(0))  # noqa: E731
+    out = eqpar.Parallel(f, reduce=None if reduce == "concat" else reduce)(x)
+    stacked = (jnp.zeros((8, 0, 3)), jnp.zeros((8, 3)))
+    if reduce == "concat":
+        out = eqpar.Parallel(lambda x: 2 * x)(x)
+        assert_tree_allclose(out, eqpar.filter_vmap(lambda v: 2 * v)(x))
+    elif reduce is None:
+        assert_tree_allclose(out, stacked)
+    else:
+        assert_tree_allclose(out, jax.tree.map(lambda s: s[0], stacked))
 
 
 def test_leading_sizes_disagree():
@@ -174,7 +188,7 @@ def test_unknown_reduce_and_axis():
     with pytest.raises(eqpar.SpecError, match="'median'"):
         eqpar.Parallel(lambda x: x, reduce="median")
     with pytest.raises(eqpar.MeshError, match="'devices'.*\\('data',\\)"):
-        eqpar.Parallel(lambda x: x, mesh=eqpar.data_mesh())
+        eqpar.Parallel(lambda x: x, mesh=eqpar.data_mesh(), axis_name="devices")
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
