@@ -1,11 +1,16 @@
 """`python -m eqpar.demo`: a short tour of eqpar on simulated CPU devices.
 
 1. A microscope: the point-spread function of 32 depth planes, the planes split
-   across devices with `filter_shard_map`, imaged by a sensor that sums the planes
-   locally and across devices (`sensor_sum`). Checked against one device.
+   across devices with `filter_shard_map`, imaging a test object (point beads, each
+   at its own depth) with a sensor that sums the planes locally and across devices
+   (`sensor_sum`). Checked against one device; drawn in `OUT/microscope.png`.
 2. Data-parallel training: an MLP trained with `filter_shard_map` + `grad_mean` on a
    batch that does not divide over the devices (padded, count-weighted). Checked
-   against training on one device.
+   against training on one device; both loss curves in `OUT/training.png`.
+
+The summary table gives each program's largest difference from one device and its
+median time over repeats (after compilation). Simulated CPU devices share the
+machine's cores: they show that the results equal one device's, not a speedup.
 
 Run `python -m eqpar.demo --help` for the flags. The optical model here is also what
 `examples/microscope.py` runs at the guide's full size. Importing this module starts
@@ -16,10 +21,11 @@ import argparse
 import math
 import os
 import pathlib
+import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax
@@ -79,6 +85,33 @@ def make_microscope(size: int) -> Microscope:
     )
 
 
+def bead_volume(planes: int, size: int, grid: int = 4) -> tuple[Array, np.ndarray]:
+    """A test object for the microscope: `grid**2` point beads on a square lattice,
+    stepping through the depth planes in reading order (bead `k` in plane
+    `round(k (planes - 1) / (grid**2 - 1))`), so its image shows the blur growing
+    with the distance from focus.
+
+    **Arguments:**
+
+    - `planes`: depth planes of the volume.
+    - `size`: the planes' height and width in pixels.
+    - `grid`: beads per row and per column.
+
+    **Returns:**
+
+    `(volume, beads)`: the volume, float32 of shape `(planes, size, size)`, zero but
+    for one pixel of 1 per bead, and the beads' `(row, column, plane)`, an integer
+    array of shape `(grid**2, 3)`.
+    """
+    k = np.arange(grid * grid)
+    step = size // grid
+    rows, cols = (k // grid) * step + step // 2, (k % grid) * step + step // 2
+    plane = np.rint(k * (planes - 1) / max(grid * grid - 1, 1)).astype(int)
+    volume = np.zeros((planes, size, size), np.float32)
+    volume[plane, rows, cols] = 1.0
+    return jnp.asarray(volume), np.stack([rows, cols, plane], axis=1)
+
+
 def image(
     scope: Microscope,
     volume: Float[Array, "p h w"],
@@ -126,6 +159,17 @@ def image_programs(mesh: Any) -> tuple[Callable, Callable]:
 # ---------------------------------------------------------------- training
 
 
+@runtime_checkable
+class _Stream(Protocol):
+    """Where progress goes: `sys.stdout`, a file, an `io.StringIO`."""
+
+    def write(self, s: str, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def isatty(self) -> bool: ...
+
+
 def loss_fn(
     model: eqx.nn.MLP, x: Float[Array, "b i"], y: Float[Array, "b o"], mask: Any
 ) -> Float[Array, ""]:
@@ -136,23 +180,30 @@ def loss_fn(
 
 def train(
     step: Callable, model: eqx.nn.MLP, opt_state: Any, steps: int, progress: bool
-) -> tuple[eqx.nn.MLP, list[float]]:
-    losses = []
-    bar = _progress(steps) if progress else None
+) -> tuple[eqx.nn.MLP, list[float], list[float]]:
+    """`steps` calls of `step`; returns the model, the losses and each step's wall
+    time in seconds (the step compiled beforehand: these are steady-state times)."""
+    losses, times = [], []
+    bar = _progress(steps, sys.stdout) if progress else None
     for _ in range(steps):
+        t0 = time.perf_counter()
         model, opt_state, loss = step(model, opt_state)
+        jax.block_until_ready(eqx.filter(model, eqx.is_array))
         losses.append(float(loss))
+        times.append(time.perf_counter() - t0)
         if bar is not None:
-            bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update(1)
     if bar is not None:
         bar.close()
-    return model, losses
+    return model, losses, times
 
 
 class _Bar:
-    def __init__(self, total: int):
-        self.total, self.n, self.post = total, 0, ""
+    """A progress bar redrawn in place (with carriage returns): terminals only."""
+
+    def __init__(self, total: int, stream: _Stream):
+        self.total, self.n, self.post, self.stream = total, 0, "", stream
 
     def update(self, k: int) -> None:
         self.n += k
@@ -162,22 +213,43 @@ class _Bar:
             f"{self.post}",
             end="",
             flush=True,
+            file=self.stream,
         )
 
     def set_postfix(self, **kw: str) -> None:
         self.post = " ".join(f"{k}={v}" for k, v in kw.items())
 
     def close(self) -> None:
-        print()
+        print(file=self.stream)
 
 
-def _progress(total: int) -> Any:
+class _Lines(_Bar):
+    """Progress as plain lines, about five of them: for pipes and log files."""
+
+    def update(self, k: int) -> None:
+        self.n += k
+        if self.n % max(self.total // 5, 1) == 0 or self.n == self.total:
+            print(
+                f"  training step {self.n}/{self.total} {self.post}",
+                flush=True,
+                file=self.stream,
+            )
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, stream: _Stream) -> Any:
+    """A progress bar (tqdm's when installed) where `stream` is a terminal, else
+    plain lines with no carriage returns."""
+    if not stream.isatty():
+        return _Lines(total, stream)
     try:
         from tqdm import tqdm
 
-        return tqdm(total=total, desc="  training", ncols=80)
+        return tqdm(total=total, desc="  training", ncols=80, file=stream)
     except ImportError:
-        return _Bar(total)
+        return _Bar(total, stream)
 
 
 def _rel(a: Any, b: Any) -> float:
@@ -185,14 +257,55 @@ def _rel(a: Any, b: Any) -> float:
     return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
 
 
-def _timed(fn: Callable[[], Any], repeat: int = 3) -> tuple[Any, float]:
-    out = jax.block_until_ready(fn())  # compile
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+def _timed_pair(
+    single: Callable[[], Any], sharded: Callable[[], Any], repeats: int
+) -> tuple[Any, Any, list[float], list[float]]:
+    """Runs both once (compiling them), then times each `repeats` times, alternating
+    so that changes in the machine's load hit both alike. Returns both outputs and
+    both lists of wall times in seconds."""
+    out1 = jax.block_until_ready(single())
+    outn = jax.block_until_ready(sharded())
+    times1, timesn = [], []
+    for _ in range(repeats):
+        for fn, times in ((single, times1), (sharded, timesn)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - t0)
+    return out1, outn, times1, timesn
+
+
+def _ms(times: list[float]) -> str:
+    """`median ms (min-max)`."""
+    return (
+        f"{statistics.median(times) * 1e3:.2f} ms "
+        f"({min(times) * 1e3:.2f}-{max(times) * 1e3:.2f})"
+    )
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _timing_note(platform: str, n: int, repeats: int, steps: int) -> str:
+    """What the summary's times mean, and on simulated CPU devices what they cannot
+    show."""
+    how = (
+        f"Times: median (min-max) over {repeats} runs after compiling; for training, "
+        f"over its {steps} steps."
+    )
+    if platform != "cpu":
+        return how
+    return how + (
+        f"\nThese {n} devices are simulated by XLA on this machine's {_cores()} CPU "
+        "core(s) and share them. They show that the parallel programs compute what "
+        "one device computes (the difference column) and what splitting the work and "
+        "the collectives cost. They cannot show a speedup: a ratio near or below 1x "
+        "is expected, and one above 1x reflects how XLA uses the same cores, not "
+        "more hardware. Run the same code on several GPUs or TPUs to measure scaling."
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -207,31 +320,45 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. microscope --------------------------------------------------------------
     planes = args.planes - args.planes % n or n
+    beads = min(4, max(args.size // 16, 1)) ** 2
     print(
         f"[1/2] microscope: {planes} planes of {args.size}x{args.size}, split over "
-        f"{n} devices"
+        f"{n} devices; the object: {beads} beads at depths from -4 to 4 µm"
     )
     scope = make_microscope(args.size)
     zs = jnp.linspace(-4.0, 4.0, planes)
-    key = jax.random.key(0)
-    volume = jax.random.uniform(key, (planes, args.size, args.size)) ** 8
+    volume, bead_rcp = bead_volume(planes, args.size, grid=math.isqrt(beads))
     mesh = jax.make_mesh((n,), ("planes",))
 
     single_psf, sharded_psf = psf_programs(mesh)
-    psf1, t_psf1 = _timed(lambda: single_psf(scope, zs))
-    psfn, t_psfn = _timed(lambda: sharded_psf(scope, zs))
+    psf1, psfn, t_psf1, t_psfn = _timed_pair(
+        lambda: single_psf(scope, zs), lambda: sharded_psf(scope, zs), args.repeats
+    )
     rows.append(("PSF over planes", _rel(psfn, psf1), t_psf1, t_psfn))
 
     single_image, sharded_image = image_programs(mesh)
-    img1, t_img1 = _timed(lambda: single_image(scope, volume, zs))
-    images, t_imgn = _timed(lambda: sharded_image(scope, volume, zs))
+    img1, images, t_img1, t_imgn = _timed_pair(
+        lambda: single_image(scope, volume, zs),
+        lambda: sharded_image(scope, volume, zs),
+        args.repeats,
+    )
     imgn = np.asarray(images)
     if not (imgn == imgn[:1]).all():
         print("  the devices' images differ!")
         imgn = imgn + np.inf
     imgn = imgn[0]
-    rows.append(("image (sensor_sum)", _rel(imgn, img1), t_img1, t_imgn))
-    _save_pngs(out_dir, np.asarray(psf1), np.asarray(img1))
+    img_diff = _rel(imgn, img1)
+    rows.append(("image (sensor_sum)", img_diff, t_img1, t_imgn))
+    _plot_microscope(
+        out_dir,
+        np.asarray(psf1),
+        np.asarray(zs),
+        np.asarray(imgn),
+        bead_rcp,
+        scope.spacing,
+        n,
+        img_diff,
+    )
 
     # 2. data-parallel training ---------------------------------------------------
     examples = 37
@@ -283,16 +410,12 @@ def run(args: argparse.Namespace) -> int:
         # the mesh), a new input sharding that jit compiles for once more.
         warm_model, warm_state, _ = step(model0, optimiser.init(params0))
         jax.block_until_ready(step(warm_model, warm_state))
-    t0 = time.perf_counter()
-    model1, losses1 = train(
+    model1, losses1, t_train1 = train(
         single_step, model0, optimiser.init(params0), args.steps, progress=False
     )
-    t_train1 = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    modeln, lossesn = train(
+    modeln, lossesn, t_trainn = train(
         parallel_step, model0, optimiser.init(params0), args.steps, progress=True
     )
-    t_trainn = time.perf_counter() - t0
     diff = max(
         _rel(b, a)
         for a, b in zip(
@@ -300,33 +423,33 @@ def run(args: argparse.Namespace) -> int:
             jax.tree.leaves(eqx.filter(modeln, eqx.is_array)),
         )
     )
-    rows.append((f"training {args.steps} steps (params)", diff, t_train1, t_trainn))
+    rows.append(
+        (f"training step (params after {args.steps})", diff, t_train1, t_trainn)
+    )
     print(
         f"  loss {losses1[0]:.4f} -> {losses1[-1]:.4f} (one device), "
         f"{lossesn[0]:.4f} -> {lossesn[-1]:.4f} ({n} devices)"
     )
+    _plot_training(out_dir, losses1, lossesn, n, diff)
 
     # summary ---------------------------------------------------------------------
     print(
-        f"\n| what ran | max rel. diff vs 1 device | 1 device | {n} devices | speedup |"
+        f"\n| what ran | max rel. diff vs 1 device | 1 device: median (min-max) "
+        f"| {n} devices: median (min-max) | ratio of medians |"
     )
     print("|---|---:|---:|---:|---:|")
     ok = True
     for name, d, t1, tn in rows:
-        print(
-            f"| {name} | {d:.2e} | {t1 * 1e3:.1f} ms | {tn * 1e3:.1f} ms | "
-            f"{t1 / tn:.2f}x |"
-        )
+        ratio = statistics.median(t1) / statistics.median(tn)
+        print(f"| {name} | {d:.2e} | {_ms(t1)} | {_ms(tn)} | {ratio:.2f}x |")
         ok &= d < 1e-4
     print("\nAll results match one device." if ok else "\nMISMATCH against one device!")
-    print(
-        "(Simulated CPU devices share this machine's cores: the speedups show the "
-        "overhead, not real scaling.)"
-    )
+    print(_timing_note(jax.devices()[0].platform, n, args.repeats, args.steps))
     return 0 if ok else 1
 
 
-def _save_pngs(out_dir: pathlib.Path, psf: np.ndarray, img: np.ndarray) -> None:
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or None (with a note) without it."""
     try:
         import matplotlib
 
@@ -334,37 +457,167 @@ def _save_pngs(out_dir: pathlib.Path, psf: np.ndarray, img: np.ndarray) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("  (matplotlib not installed: no PNGs; pip install 'eqpar[examples]')")
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    mid = psf.shape[0] // 2
-    axes[0].imshow(psf[mid] ** 0.5, cmap="magma")
-    axes[0].set_title("PSF at z = 0 (sqrt)")
-    axes[1].imshow(psf[:, psf.shape[1] // 2, :].T ** 0.5, cmap="magma", aspect="auto")
-    axes[1].set_title("PSF x-z section (sqrt)")
-    axes[2].imshow(img, cmap="gray")
-    axes[2].set_title("image: planes summed by sensor_sum")
+        return None
+    return plt
+
+
+def _plot_microscope(
+    out_dir: pathlib.Path,
+    psf: np.ndarray,
+    zs: np.ndarray,
+    img: np.ndarray,
+    beads: np.ndarray,
+    spacing: float,
+    n: int,
+    diff: float,
+) -> pathlib.Path | None:
+    """`out_dir/microscope.png`: the object, the PSF in focus and along z (zoomed on
+    the focus), and the image on the sensor."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    from matplotlib.colors import LogNorm, PowerNorm
+
+    size = img.shape[-1]
+    c = size // 2
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.6), layout="constrained")
+    # The object: each bead where it lies, coloured by its depth.
+    field = size * spacing
+    ax = axes[0]
+    ax.set_facecolor("black")
+    dots = ax.scatter(
+        beads[:, 1] * spacing,
+        beads[:, 0] * spacing,
+        c=zs[beads[:, 2]],
+        cmap="coolwarm",
+        vmin=zs[0],
+        vmax=zs[-1],
+        s=30,
+    )
+    ax.set(xlim=(0, field), ylim=(field, 0), aspect="equal")
+    ax.set_title(f"object: {len(beads)} point beads")
+    fig.colorbar(dots, ax=ax, fraction=0.046, pad=0.04, label="depth z (µm)")
+    # The PSF in focus, zoomed on its centre (pixel centres at multiples of the
+    # spacing), and along z through its centre: the light cone around the focus.
+    # Log scale: three decades below the peak.
+    log = LogNorm(vmin=1e-3 * float(psf.max()), vmax=float(psf.max()), clip=True)
+    r = max(size // 16, 4)
+    mid = len(zs) // 2
+    lo, hi = -(r + 0.5) * spacing, (r - 0.5) * spacing
+    axes[1].imshow(
+        psf[mid, c - r : c + r, c - r : c + r],
+        cmap="magma",
+        norm=log,
+        extent=(lo, hi, hi, lo),
+    )
+    axes[1].set_title(f"PSF at z = {zs[mid]:.2f} µm (log)")
+    r = max(size // 8, 4)
+    lo, hi = -(r + 0.5) * spacing, (r - 0.5) * spacing
+    axes[2].imshow(
+        psf[:, c, c - r : c + r],
+        cmap="magma",
+        norm=log,
+        extent=(lo, hi, zs[0], zs[-1]),
+        origin="lower",
+        aspect="auto",
+    )
+    axes[2].set_title("PSF x-z section (log)")
+    axes[2].set_ylabel("depth z (µm)")
+    # The image: every plane blurred by its PSF, summed by the sensor.
+    axes[3].imshow(
+        img,
+        cmap="gray",
+        norm=PowerNorm(0.4, vmin=0.0, vmax=float(img.max())),
+        extent=(0, field, field, 0),
+    )
+    for row, col, plane in beads:
+        axes[3].annotate(
+            f"{zs[plane]:+.1f}",
+            (col * spacing, row * spacing),
+            xytext=(0, -0.3 * size / len(beads) ** 0.5),
+            textcoords="offset points",
+            ha="center",
+            va="top",
+            color="tab:cyan",
+            fontsize=7,
+        )
+    axes[3].set_title(
+        f"image on {n} devices (sensor_sum)\nrel. diff vs 1 device {diff:.1e}"
+    )
     for ax in axes:
-        ax.set_axis_off()
+        ax.set_xlabel("x (µm)")
+    axes[3].set_xlabel("x (µm); cyan: bead depth z (µm); display γ 0.4")
+    for ax in (axes[0], axes[1], axes[3]):
+        ax.set_ylabel("y (µm)")
+    return _save(fig, plt, out_dir / "microscope.png")
+
+
+def _plot_training(
+    out_dir: pathlib.Path,
+    losses1: list[float],
+    lossesn: list[float],
+    n: int,
+    diff: float,
+) -> pathlib.Path | None:
+    """`out_dir/training.png`: both loss curves overlaid, and their difference."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    steps = np.arange(1, len(losses1) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].semilogy(
+        steps, losses1, lw=4, alpha=0.4, color="tab:blue", label="1 device"
+    )
+    axes[0].semilogy(
+        steps, lossesn, "o--", ms=3, color="tab:orange", label=f"{n} devices"
+    )
+    axes[0].set(xlabel="step", ylabel="training loss (log)")
+    axes[0].set_title("data-parallel training: the curves coincide")
+    axes[0].legend()
+    gap = np.asarray(lossesn) - np.asarray(losses1)
+    axes[1].plot(steps, gap, "o-", ms=3, color="tab:green")
+    axes[1].axhline(0.0, color="gray", lw=0.8)
+    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    axes[1].set(xlabel="step", ylabel=f"loss ({n} devices) - loss (1 device)")
+    axes[1].set_title(f"difference; final parameters: rel. diff {diff:.1e}")
     fig.tight_layout()
-    path = out_dir / "microscope.png"
-    fig.savefig(path, dpi=80)
+    return _save(fig, plt, out_dir / "training.png")
+
+
+def _save(fig: Any, plt: Any, path: pathlib.Path) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     print(f"  wrote {path}")
+    return path
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m eqpar.demo", description="A short tour of eqpar."
+        prog="python -m eqpar.demo",
+        description="A short tour of eqpar.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--devices", type=int, default=8, help="simulated CPU devices (default 8)"
-    )
+    parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
     parser.add_argument("--size", type=int, default=128, help="field size in pixels")
     parser.add_argument("--planes", type=int, default=32, help="depth planes")
     parser.add_argument("--steps", type=int, default=30, help="training steps")
-    parser.add_argument("--out", default="eqpar-demo-out", help="folder for PNGs")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--repeats", type=int, default=7, help="timed runs per program (medians)"
+    )
+    parser.add_argument(
+        "--out", default="eqpar-demo-out", help="folder for the PNGs (created)"
+    )
+    return parser
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name in ("devices", "size", "planes", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

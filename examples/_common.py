@@ -8,15 +8,27 @@ named self-checks (bool) that the tests assert.
 import argparse
 import os
 import pathlib
+import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 
+# Outside any checkout, so that running an example never adds files to the repository.
+DEFAULT_OUT = str(pathlib.Path(tempfile.gettempdir()) / "eqpar-examples")
+
+
 def parser(description: str, *, devices: int = 8) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    """The flags every example has; `--help` shows each flag's default."""
+    p = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--devices", type=int, default=devices, help="devices to use")
-    p.add_argument("--out", default="examples-out", help="folder for PNGs")
+    p.add_argument(
+        "--out", default=DEFAULT_OUT, help="folder for the files it writes (created)"
+    )
     return p
 
 
@@ -39,17 +51,26 @@ def setup_devices(n: int) -> list[Any]:
     return devices[:n]
 
 
-def timed(fn: Callable[[], Any], repeat: int = 3) -> tuple[Any, float]:
-    """(result, best wall time in seconds over `repeat` runs after a warm-up)."""
+def timed(fn: Callable[[], Any], repeat: int = 5) -> tuple[Any, float]:
+    """(result, median wall time in seconds over `repeat` runs after a warm-up call
+    that compiles): the steady state, robust to a run or two disturbed by the
+    machine's other work."""
     import jax
 
     out = jax.block_until_ready(fn())
-    best = float("inf")
+    times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         out = jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
+
+
+TIMING_NOTE = (
+    "(times: medians of 5 runs after compiling. Simulated CPU devices share this "
+    "machine's cores: they show that the results equal one device's, not a speedup; "
+    "measure scaling on several GPUs or TPUs.)"
+)
 
 
 def rel_diff(a: Any, b: Any) -> float:

@@ -18,7 +18,7 @@ from _common import parser, rel_diff, report, setup_devices
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="training steps")
     p.add_argument("--batch", type=int, default=61, help="global batch (any size)")
     args = p.parse_args(argv)
 

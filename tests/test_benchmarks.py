@@ -1,6 +1,7 @@
 """The benchmark suite stays runnable: a --quick smoke run of every benchmark (its
 figures are not checked here; goals live in benchmarks/RESULTS.md, never in timed
-tests), and the dispatch profile."""
+tests), and the dispatch profile. Neither writes into the repository: no report
+appended to RESULTS.md, no plots, no other files."""
 
 import pathlib
 import subprocess
@@ -8,18 +9,25 @@ import sys
 
 import benchmarks
 
+from ._repo import leaves_repository_alone
+
 
 ROOT = pathlib.Path(__file__).parent.parent
+BENCH = ROOT / "benchmarks"
 
 
 def run(*args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # RESULTS.md and the committed plots, and every plot a benchmark could draw.
+    watched = {BENCH / "RESULTS.md", *BENCH.glob("*.png")}
+    watched |= {BENCH / f"{name}.png" for name in benchmarks.BENCHMARKS}
+    with leaves_repository_alone(*sorted(watched)):
+        proc = subprocess.run(
+            [sys.executable, "-m", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

@@ -4,11 +4,13 @@ the figures they quote (Objax's shapes and values on 8 devices)."""
 import jax
 import pytest
 
+from ._repo import leaves_repository_alone
 from .test_examples import load
 
 
 def _main(name: str, tmp_path, *flags: str) -> dict:
-    results = load(name).main(["--out", str(tmp_path), *flags])
+    with leaves_repository_alone():
+        results = load(name).main(["--out", str(tmp_path), *flags])
     failed = [k for k, ok in results["checks"].items() if not ok]
     assert not failed, f"{name}: self-checks failed: {failed}"
     assert results["checks"]

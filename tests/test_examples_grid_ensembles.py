@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ._repo import leaves_repository_alone
 from .test_examples import load, SMALL
 
 
@@ -19,7 +20,10 @@ def ensembles():
 
 
 def _main(module, name, out, *extra):
-    results = module.main(["--devices", "8", "--out", str(out), *SMALL[name], *extra])
+    with leaves_repository_alone():
+        results = module.main(
+            ["--devices", "8", "--out", str(out), *SMALL[name], *extra]
+        )
     failed = [k for k, ok in results["checks"].items() if not ok]
     assert not failed, f"{name}: self-checks failed: {failed}"
     assert results["checks"]
