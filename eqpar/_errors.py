@@ -47,8 +47,9 @@ class MeshError(EqparError, ValueError):
 
 
 class ReplicationError(EqparError, ValueError):
-    """A value's replication type (`check_vma`) rules out what was asked, e.g. an
-    example-weighted mean of a gradient that autodiff has already summed."""
+    """A value's replication type (`check_vma`) rules out what was asked, e.g.
+    [`eqpar.grad_mean`][] of a gradient that is the same on every device, which may
+    be a sum, an average or a term that never varied."""
 
 
 class UnboundAxisError(EqparError, NameError):

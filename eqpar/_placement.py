@@ -243,7 +243,7 @@ def pad_batch(tree: PyTree, multiple: int, *, axis: int = 0) -> tuple[PyTree, in
     Padded entries repeat the last real one (valid inputs: no division by zero or
     log of zero in the padding), so they are harmless to compute; drop them from
     anything you reduce, e.g. with `mask = jnp.arange(padded_size) < n_real` or
-    [`eqpar.grad_mean`][]`(..., count=...)`.
+    the `count=` of [`eqpar.filter_value_and_grad_mean`][].
 
     **Arguments:**
 

@@ -408,7 +408,9 @@ def filter_shard_map(
     - `axis_names`: the mesh axes `fun` is manual over (default: all of them).
     - `check_vma`: JAX's replication typing (on by default): values know which mesh
         axes they vary over, so an `out_specs` that claims replication is checked,
-        and gradients of replicated inputs come back already summed over the axes.
+        and gradients of replicated inputs come back invariant (summed over the
+        axes for a per-device loss): use [`eqpar.filter_value_and_grad_mean`][] to
+        average gradients across devices.
     - `donate`: as for [`eqpar.filter_jit`][] (`"none"`, the default, `"all"`,
         `"all-except-first"`, `"warn"`, `"warn-except-first"`).
 

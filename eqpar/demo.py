@@ -4,8 +4,9 @@
    across devices with `filter_shard_map`, imaging a test object (point beads, each
    at its own depth) with a sensor that sums the planes locally and across devices
    (`sensor_sum`). Checked against one device; drawn in `OUT/microscope.png`.
-2. Data-parallel training: an MLP trained with `filter_shard_map` + `grad_mean` on a
-   batch that does not divide over the devices (padded, count-weighted). Checked
+2. Data-parallel training: an MLP trained with `filter_shard_map` +
+   `filter_value_and_grad_mean` on a batch that does not divide over the devices
+   (padded, count-weighted). Checked
    against training on one device; both loss curves in `OUT/training.png`.
 
 The summary table gives each program's largest difference from one device and its
@@ -385,12 +386,10 @@ def run(args: argparse.Namespace) -> int:
         return eqx.apply_updates(model, updates), opt_state, loss
 
     def per_device(model, opt_state, x, y, mask):
-        # Per-device parameters (pcast to varying): local gradients, weighted by count.
-        local = eqpar.mark_varying(model, "data")
-        loss, grads = eqx.filter_value_and_grad(loss_fn)(local, x, y, mask)
-        count = jnp.sum(mask)
-        grads = eqpar.grad_mean(grads, "data", count=count)
-        loss = eqpar.psum(loss * count, "data") / eqpar.psum(count, "data")
+        # The loss and gradient of the mean over the real examples, weighted by count.
+        loss, grads = eqpar.filter_value_and_grad_mean(loss_fn, "data")(
+            model, x, y, mask, count=jnp.sum(mask)
+        )
         updates, opt_state = optimiser.update(grads, opt_state, model)
         return eqx.apply_updates(model, updates), opt_state, loss
 

@@ -4,10 +4,11 @@
 
 (a) A 3-class spiral classifier (`eqx.nn.MLP`) trained data-parallel through
     `eqpar.Parallel(step, reduce="first")`: each device differentiates its share of
-    the batch, `eqpar.grad_mean(..., count=...)` averages the gradients weighted by
-    the real examples, and the loss is averaged across devices. The last batch of
-    each epoch is short and does not divide over the devices: it is padded with
-    `eqpar.pad_batch` and masked. The final parameters equal single-device training.
+    the batch, and `eqpar.filter_value_and_grad_mean(..., count=...)` averages the
+    loss and the gradients across devices, weighted by the real examples. The last
+    batch of each epoch is short and does not divide over the devices: it is padded
+    with `eqpar.pad_batch` and masked. The final parameters equal single-device
+    training.
 (b) Objax's output reductions of `Parallel` on `eqx.nn.Linear(3, 4)` over 96
     examples: None, "first", "mean" and "concat".
 (c) `eqpar.replicate` / `eqpar.unreplicate` with "first", "sum", "stack", "mean"
@@ -80,13 +81,11 @@ def make_steps(
         y: Int[Array, " b"],
         mask: Bool[Array, " b"],
     ) -> tuple[eqx.nn.MLP, PyTree, Float[Array, ""]]:
-        # Parameters marked varying: each device's gradient stays its own, so that
-        # grad_mean can weight it by this device's number of real examples.
-        local = eqpar.mark_varying(model, AXIS)
-        loss, grads = eqx.filter_value_and_grad(loss_fn)(local, x, y, mask)
-        count = jnp.sum(mask, dtype=jnp.float32)
-        grads = eqpar.grad_mean(grads, AXIS, count=count)
-        loss = eqpar.psum(loss * count, AXIS) / eqpar.psum(count, AXIS)
+        # This device's loss over its real examples; the loss and gradient of their
+        # mean across devices, weighted by each device's number of real examples.
+        loss, grads = eqpar.filter_value_and_grad_mean(loss_fn, AXIS)(
+            model, x, y, mask, count=jnp.sum(mask)
+        )
         updates, opt_state = optimiser.update(grads, opt_state, model)
         return eqx.apply_updates(model, updates), opt_state, loss
 
@@ -151,7 +150,7 @@ def train(args: Any, mesh: jax.sharding.Mesh, n: int) -> dict[str, Any]:
     short = n_train - 2 * batch
     # Every batch is padded to one shape, the batch size rounded up to a multiple of
     # the device count, so the parallel step compiles once. The short batch leaves
-    # some devices with few or no real examples: grad_mean's count weights them.
+    # some devices with few or no real examples: `count` weights them.
     padded = -(-batch // n) * n
     print(
         f"(a) training: {n_train} spiral points, {CLASSES} classes, batches of "

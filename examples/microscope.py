@@ -11,9 +11,9 @@
 (c) A trainable phase mask: one gradient step through the parallel imaging model on
     a batch of volumes, on a ("data", "planes") mesh: samples split over "data",
     planes over "planes". The loss is a mean over samples, so the gradient is
-    averaged over "data" with `eqpar.grad_mean` (which sees that autodiff already
-    summed it) and summed over "planes" (each device holds part of one image);
-    equal to the single-device gradient step.
+    averaged over "data" with `eqpar.filter_value_and_grad_mean(..., "data")`, and
+    autodiff sums it over "planes" (each device holds part of one image); equal to
+    the single-device gradient step.
 
 Optics from the guide: wavelength 0.532 µm, n = 1.33, NA = 0.8, pupil sampling
 0.3 µm. `--size 1536 --z-psf 128` is the guide's full problem (meant for a GPU).
@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             imgs = jax.vmap(lambda v: image(s, v, z, axis_name="planes"))(vols)
             return jnp.mean((imgs - tgts) ** 2) / scale  # this data shard's samples
 
-        # `s` is replicated (P()): autodiff returns its gradient summed over both
-        # axes. grad_mean over "data" sees that and divides by the data size: the
-        # mean over samples, summed over planes. No double counting.
-        grads = eqpar.grad_mean(eqx.filter_grad(local)(s), "data")
+        # Each data shard's loss is its own (the mean over its samples): the mean
+        # over "data" of those losses is the mean over all samples. The planes'
+        # contributions meet in the sensor's sum, and autodiff adds them back up.
+        grads = eqpar.filter_grad_mean(local, "data")(s)
         return eqx.apply_updates(s, jax.tree.map(lambda g: -args.lr * g, grads))
 
     step_sharded = eqpar.filter_shard_map(

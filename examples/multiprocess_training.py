@@ -3,10 +3,11 @@
     python -m eqpar.launch -n 2 --local-devices 4 examples/multiprocess_training.py
     python examples/multiprocess_training.py --devices 8      # one process, 8 devices
 
-An MLP regression trained with `filter_shard_map` + `grad_mean(count=...)` on a batch
-that does not divide over the devices. Each process holds only its rows of the batch
-(`eqpar.global_batch` joins them into one global array); parameters are replicated on
-every device of every process. The final parameters are checked against training on
+An MLP regression trained with `filter_shard_map` +
+`filter_value_and_grad_mean(count=...)` on a batch that does not divide over the
+devices. Each process holds only its rows of the batch (`eqpar.global_batch` joins
+them into one global array); parameters are replicated on every device of every
+process. The final parameters are checked against training on
 a single device (which every process can do on its own: the data comes from a seed).
 """
 
@@ -62,11 +63,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return jnp.sum(jnp.where(mask, err, 0.0)) / count
 
     def per_device(model, state, x, y, mask):
-        local = eqpar.mark_varying(model, "data")  # per-device gradients ...
-        loss, grads = eqx.filter_value_and_grad(loss_fn)(local, x, y, mask)
-        count = jnp.sum(mask, dtype=jnp.float32)
-        grads = eqpar.grad_mean(grads, "data", count=count)  # ... weighted exactly
-        loss = eqpar.psum(loss * count, "data") / eqpar.psum(count, "data")
+        # The loss and gradient of the mean loss over the real examples, exactly.
+        loss, grads = eqpar.filter_value_and_grad_mean(loss_fn, "data")(
+            model, x, y, mask, count=jnp.sum(mask)
+        )
         updates, state = optimiser.update(grads, state, model)
         return eqx.apply_updates(model, updates), state, loss
 
