@@ -173,9 +173,9 @@ def _parallel_run(
             f"not divide over {devices} devices. Padding would change the result: "
             f"the padded examples would enter the {reduce!r} reduction. Pad the "
             f"batch yourself to a multiple of {devices} (`eqpar.pad_batch`), pass a "
-            "mask or count of the real examples and weight by it (e.g. "
-            "`eqpar.grad_mean(..., count=...)`), or use reduce='concat', which pads "
-            "and trims for you."
+            "mask or count of the real examples and weight by it (e.g. the `count` "
+            "of `eqpar.filter_value_and_grad_mean`), or use reduce='concat', which "
+            "pads and trims for you."
         )
     total = size + pad
     index = np.concatenate([np.arange(size), np.full(pad, size - 1)])
