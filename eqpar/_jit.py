@@ -10,6 +10,7 @@ import functools as ft
 from collections.abc import Callable
 from typing import Any, overload
 
+from ._errors import Checked
 from ._dispatch import (
     check_donate,
     Compiled,
@@ -38,7 +39,7 @@ def filter_jit(
 
 
 def filter_jit(
-    fun: Callable[..., Any] | None = None, *, donate: Donate = "none"
+    fun: Checked[Callable[..., Any] | None] = None, *, donate: Checked[Donate] = "none"
 ) -> Any:
     """Compiles `fun`, tracing array leaves and keeping every other leaf static.
 

@@ -20,7 +20,7 @@ from ._dispatch import (
     shared,
     transformed,
 )
-from ._errors import AxisSizeError, MeshError, SpecError
+from ._errors import AxisSizeError, Checked, MeshError, SpecError
 from ._shard_map import check_context_mesh
 from ._specs import is_array
 from ._vmap import (
@@ -67,7 +67,9 @@ def _pmap_run(
             "`filter_pmap` over a reshaped batch)."
         )
     if size == 0:
-        raise AxisSizeError("filter_pmap cannot map an axis of size 0.")
+        # No element, so no device to run on: empty outputs, as from filter_vmap,
+        # filter_shard_map and Parallel (a mesh of zero devices cannot be built).
+        return call.finish(*call.vmap(axis_name, 0)(call.mapped)), None
     if check_unmapped:
         # pmap runs without replication typing (per-device gradients, as
         # `jax.pmap`), so an out_axes=None output is checked by a shapes-only trace
@@ -139,14 +141,14 @@ def filter_pmap(
 
 
 def filter_pmap(
-    fun: Callable[..., Any] | None = None,
+    fun: Checked[Callable[..., Any] | None] = None,
     *,
-    in_axes: PyTree[AxisSpec] = eqx.if_array(0),
-    out_axes: PyTree[AxisSpec] = eqx.if_array(0),
-    axis_name: Hashable | None = None,
-    axis_size: int | None = None,
-    devices: Sequence[Any] | None = None,
-    donate: Donate = "none",
+    in_axes: Checked[PyTree[AxisSpec]] = eqx.if_array(0),
+    out_axes: Checked[PyTree[AxisSpec]] = eqx.if_array(0),
+    axis_name: Checked[Hashable | None] = None,
+    axis_size: Checked[int | None] = None,
+    devices: Checked[Sequence[Any] | None] = None,
+    donate: Checked[Donate] = "none",
 ) -> Any:
     """Maps `fun` over one axis of its array leaves with one device per element; every
     other leaf is static. Same result as [`eqpar.filter_vmap`][] with the same specs.

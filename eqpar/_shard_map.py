@@ -334,6 +334,19 @@ def _same_spec(a: P, b: P, ndim: int) -> bool:
     return pad(a) == pad(b)
 
 
+class _ExplicitMeshCompiled(Compiled):
+    """On a fixed mesh with Explicit axes, eager autodiff gets eqpar's error (with
+    the way out) before JAX's own, which comes too late to say anything useful."""
+
+    def __init__(self, mesh: Mesh, run: Any, *, donate: Donate):
+        super().__init__(run, context_fn=_fixed_mesh(mesh), donate=donate)
+        self._mesh = mesh
+
+    def __call__(self, fun: Any, args: tuple, kwargs: dict) -> Any:
+        check_eager_autodiff(self._mesh, (args, kwargs), "filter_shard_map")
+        return super().__call__(fun, args, kwargs)
+
+
 def _fixed_mesh(mesh: AnyMesh) -> Callable[[], AnyMesh]:
     return lambda: mesh
 
@@ -445,9 +458,12 @@ def filter_shard_map(
     options = (in_specs, out_specs, mesh, names, check_vma, donate)
 
     def make() -> Compiled:
-        context = _context_mesh if mesh is None else _fixed_mesh(mesh)
         run = ft.partial(_shard_map_run, in_specs, out_specs, names, check_vma)
-        return Compiled(run, context_fn=context, donate=donate)
+        if mesh is None:
+            return Compiled(run, context_fn=_context_mesh, donate=donate)
+        if isinstance(mesh, Mesh) and AxisType.Explicit in mesh.axis_types:
+            return _ExplicitMeshCompiled(mesh, run, donate=donate)
+        return Compiled(run, context_fn=_fixed_mesh(mesh), donate=donate)
 
     caller = shared("shard_map", options, make)
     return decorator_or_call(
