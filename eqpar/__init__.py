@@ -1,5 +1,6 @@
 """eqpar: filtered parallel transforms and pytree-aware collectives for Equinox."""
 
+from ._chunking import split_key as split_key
 from ._collectives import (
     all_gather as all_gather,
     axis_size as axis_size,
@@ -46,7 +47,10 @@ from ._placement import (
 )
 from ._pmap import filter_pmap as filter_pmap
 from ._shard_map import filter_shard_map as filter_shard_map
-from ._vmap import filter_vmap as filter_vmap
+from ._vmap import (
+    chosen_chunk_size as chosen_chunk_size,
+    filter_vmap as filter_vmap,
+)
 
 
 __version__ = "0.1.0"

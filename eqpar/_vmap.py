@@ -2,16 +2,25 @@
 `filter_pmap` (both map one axis per leaf with int/None specs)."""
 
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
-from ._dispatch import decorator_or_call, shared, transformed
-from ._errors import AxisSizeError, SpecError
+from ._chunking import (
+    check_memory_budget,
+    ChunkCache,
+    LEGACY,
+    per_example_keys,
+    run_chunked,
+    SPLIT,
+)
+from ._dispatch import Compiled, decorator_or_call, shared, transformed
+from ._errors import AxisSizeError, Checked, SpecError
 from ._specs import (
     check_int_axes,
     is_array,
@@ -81,9 +90,18 @@ class MappedCall:
         axes = resolve_call_specs(
             in_axes, fun, args, kwargs, default=eqx.if_array(0), what="in_axes"
         )
-        size = check_int_axes(
-            axes, self.leaves, lambda: leaf_names(fun, args, kwargs), "in_axes"
-        )
+        names = lambda: leaf_names(fun, args, kwargs)  # noqa: E731
+        keys = [i for i, a in enumerate(axes) if a is SPLIT or a is LEGACY]
+        for i in keys:
+            if axes[i] is LEGACY:
+                raise SpecError(
+                    f"in_axes gives `eqpar.split_key` for {names()[i]}, a uint32[2] "
+                    "array: a legacy `jax.random.PRNGKey`. Only typed keys are split "
+                    "into one key per example: pass `jax.random.key(seed)`, or "
+                    "`jax.random.wrap_key_data(key)` for an existing one."
+                )
+            axes[i] = None
+        size = check_int_axes(axes, self.leaves, names, "in_axes")
         if size is not None and axis_size is not None and size != axis_size:
             raise AxisSizeError(
                 f"`axis_size={axis_size}` was given but the mapped arguments have "
@@ -91,6 +109,17 @@ class MappedCall:
             )
         # None: nothing is mapped and no size was given (see `require_size`).
         self.size: int | None = size if size is not None else axis_size
+        if keys and self.size is None:
+            raise SpecError(
+                f"in_axes gives `eqpar.split_key` for {names()[keys[0]]}, but no "
+                "other argument is mapped and `axis_size` was not given, so the "
+                "number of per-example keys is unknown. Map the batch, or pass "
+                "`axis_size=`."
+            )
+        for i in keys:  # one key per example, by its index: the same in any chunk
+            assert self.size is not None
+            self.leaves[i] = per_example_keys(self.leaves[i], self.size)
+            axes[i] = 0
         self.index = [i for i, a in enumerate(axes) if a is not None]
         self.broadcast_index = [
             i for i, a in enumerate(axes) if a is None and is_array(self.leaves[i])
@@ -223,48 +252,13 @@ def check_unmapped_outputs(
             raise error from None
 
 
-def _pad_rows(x: Any, rows: int) -> Any:
-    """`x` with its last row repeated until it has `rows` rows: valid inputs for
-    the padding, which is trimmed from the outputs."""
-    extra = rows - x.shape[0]
-    if not extra:
-        return x
-    return jnp.concatenate([x, jnp.broadcast_to(x[-1:], (extra, *x.shape[1:]))])
-
-
-def _chunked(call: MappedCall, size: int, chunk_size: int) -> tuple[list, list]:
-    """Maps `chunk_size` elements at a time: a `lax.scan` over chunks, each a
-    `vmap`. The last chunk is padded to full size (the padding is trimmed), so one
-    body is compiled whatever the remainder, and every element goes through the
-    same program as under an unchunked map."""
-    n_chunks = -(-size // chunk_size)
-    rows = n_chunks * chunk_size
-    if call.mapped:
-        xs = [
-            _pad_rows(jnp.moveaxis(x, a, 0), rows)
-            for x, a in zip(call.mapped, call.axes)
-        ]
-        element = call.inner
-    else:  # only `axis_size`: map over a dummy index
-        xs = [jnp.arange(rows)]
-
-        def element(_: list[Any]) -> tuple[list[Any], list[Any]]:
-            return call.inner([])
-
-    chunks = [x.reshape(n_chunks, chunk_size, *x.shape[1:]) for x in xs]
-    vmapped = jax.vmap(element, in_axes=([0] * len(chunks),), out_axes=(0, None))
-
-    def step(carry: None, chunk: list[Any]) -> tuple[None, Any]:
-        return carry, vmapped(chunk)
-
-    _, (mapped_out, unmapped_out) = jax.lax.scan(step, None, chunks)
-    mapped_out = [x.reshape(rows, *x.shape[2:])[:size] for x in mapped_out]
-    # Unmapped outputs do not depend on the element (vmap checked that): one copy.
-    return mapped_out, [u[0] for u in unmapped_out]
-
-
 class _VmapCaller:
-    """`filter_vmap`'s caller: maps eagerly (no `jax.jit`), like `jax.vmap`."""
+    """`filter_vmap`'s caller: maps eagerly (no `jax.jit`), like `jax.vmap`.
+
+    A chunked map is a `lax.scan`, which compiles anyway; called outside any trace,
+    it goes through a compile cache of its own (`Compiled`, keyed like
+    `filter_jit`), so that calling it again does not trace and compile it again.
+    """
 
     def __init__(
         self,
@@ -272,13 +266,31 @@ class _VmapCaller:
         out_axes: Any,
         axis_name: Hashable | None,
         axis_size: int | None,
-        chunk_size: int | None,
+        chunk_size: int | Literal["auto"] | None,
+        memory_budget: int | float | None,
     ):
         self.in_axes = in_axes
         self.out_axes = out_axes
         self.axis_name = axis_name
         self.axis_size = axis_size
         self.chunk_size = chunk_size
+        self.auto = ChunkCache(memory_budget) if chunk_size == "auto" else None
+        self.compiled = None if chunk_size is None else Compiled(self._traced)
+
+    def _traced(
+        self, fun: Any, args: tuple, kwargs: dict, context: None
+    ) -> tuple[Any, None]:
+        del context
+        return self(fun, args, kwargs), None
+
+    def chunk_for(self, call: MappedCall, size: int) -> int | None:
+        """The chunk this call maps at a time (`None`: all at once)."""
+        if self.auto is not None:
+            chunk = self.auto.choose(call, size, "filter_vmap").chunk
+        else:
+            chunk = self.chunk_size
+        assert chunk is None or isinstance(chunk, int)
+        return None if chunk is None or chunk >= size else chunk
 
     def __call__(self, fun: Any, args: tuple, kwargs: dict) -> Any:
         call = MappedCall(
@@ -298,10 +310,15 @@ class _VmapCaller:
                 )
             return call.finish(mapped_out, unmapped_out)
         try:
-            if self.chunk_size is None or size <= self.chunk_size:
+            chunk = self.chunk_for(call, size)
+            if chunk is None:
                 mapped_out, unmapped_out = call.vmap(self.axis_name, size)(call.mapped)
+            elif self.compiled is not None and not any(
+                isinstance(leaf, jax.core.Tracer) for leaf in call.leaves
+            ):
+                return self.compiled(fun, args, kwargs)
             else:
-                mapped_out, unmapped_out = _chunked(call, size, self.chunk_size)
+                mapped_out, unmapped_out = run_chunked(call, size, chunk)
         except ValueError as e:
             error = call.unmapped_error(e, self.axis_name, size, "filter_vmap")
             if error is e:
@@ -318,7 +335,8 @@ def filter_vmap(
     out_axes: PyTree[AxisSpec] = eqx.if_array(0),
     axis_name: Hashable | None = None,
     axis_size: int | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | Literal["auto"] | None = None,
+    memory_budget: int | float | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]: ...
 
 
@@ -330,18 +348,20 @@ def filter_vmap(
     out_axes: PyTree[AxisSpec] = eqx.if_array(0),
     axis_name: Hashable | None = None,
     axis_size: int | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | Literal["auto"] | None = None,
+    memory_budget: int | float | None = None,
 ) -> Callable[..., Any]: ...
 
 
 def filter_vmap(
-    fun: Callable[..., Any] | None = None,
+    fun: Checked[Callable[..., Any] | None] = None,
     *,
-    in_axes: PyTree[AxisSpec] = eqx.if_array(0),
-    out_axes: PyTree[AxisSpec] = eqx.if_array(0),
-    axis_name: Hashable | None = None,
-    axis_size: int | None = None,
-    chunk_size: int | None = None,
+    in_axes: Checked[PyTree[AxisSpec]] = eqx.if_array(0),
+    out_axes: Checked[PyTree[AxisSpec]] = eqx.if_array(0),
+    axis_name: Checked[Hashable | None] = None,
+    axis_size: Checked[int | None] = None,
+    chunk_size: Checked[int | Literal["auto"] | None] = None,
+    memory_budget: Checked[int | float | None] = None,
 ) -> Any:
     """Vectorises `fun` over one axis of its array leaves; every other leaf is static.
 
@@ -356,7 +376,8 @@ def filter_vmap(
         `leaf -> int | None`; one spec for all arguments, a tuple with one entry per
         positional argument, or a dict keyed by parameter name (the way to give
         keyword arguments a spec; unnamed ones get the default). Non-array leaves are
-        always static, whatever their spec.
+        always static, whatever their spec. [`eqpar.split_key`][] (as a whole spec
+        or for one argument) also maps a scalar random key: one key per example.
     - `out_axes`: where the mapped axis goes in each output array; a pytree prefix of
         the output with the same kinds of leaves. `None` means the output does not
         depend on the mapped element (checked: an output that does raises
@@ -369,10 +390,20 @@ def filter_vmap(
     - `axis_size`: the mapped size; needed only when no argument is mapped and an
         output is mapped.
     - `chunk_size`: map `chunk_size` elements at a time (a `lax.scan` over vmapped
-        chunks) so that only one chunk's intermediates are alive; same result. A
-        remainder is padded into one last full chunk (repeating the last element)
-        and trimmed, so one body is compiled whatever the size. Cannot be combined
-        with `axis_name`, since a collective needs the whole axis at once.
+        chunks) so that only one chunk's intermediates are alive; the same result as
+        unchunked, to floating-point tolerance. When it does not divide the size,
+        the last chunk starts early and recomputes a few elements of the one before
+        it: one body is traced and compiled whatever the remainder, with no padded
+        copy of the inputs or trimmed copy of the outputs. `"auto"` picks the
+        largest chunk whose compiled temporaries fit `memory_budget`, read from
+        XLA's memory analysis (see the [chunking page](../chunking.md) and
+        [`eqpar.chosen_chunk_size`][]). Cannot be combined with `axis_name`, since
+        a collective needs the whole axis at once.
+    - `memory_budget`: with `chunk_size="auto"`: the bytes of temporaries a chunk
+        may use, as an int, or as a float in (0, 1] a fraction of the device's
+        memory (what the backend reports; on CPU, the host's memory). Default
+        (`None`): a quarter of the device's memory where the backend reports it
+        (GPU, TPU), 1 GiB where it does not (CPU).
 
     **Returns:**
 
@@ -398,10 +429,16 @@ def filter_vmap(
     check_axis_size(axis_size, "filter_vmap")
     check_axis_name(axis_name, "filter_vmap")
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise SpecError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
-        if chunk_size < 1:
-            raise SpecError(f"`chunk_size` must be a positive int, got {chunk_size}.")
+        if chunk_size != "auto" and (
+            isinstance(chunk_size, bool)
+            or not isinstance(chunk_size, int)
+            or chunk_size < 1
+        ):
+            raise SpecError(
+                "filter_vmap: `chunk_size` must be a positive int (examples per "
+                "chunk), 'auto' (the largest chunk that fits `memory_budget`) or "
+                f"None (no chunking), got {chunk_size!r}."
+            )
         if axis_name is not None:
             raise SpecError(
                 f"`chunk_size={chunk_size}` cannot be combined with "
@@ -409,6 +446,77 @@ def filter_vmap(
                 "another, so a collective over the axis would only see one chunk. "
                 "Drop `chunk_size`, or compute the reduction outside the map."
             )
-    options = (in_axes, out_axes, axis_name, axis_size, chunk_size)
+    check_memory_budget(memory_budget, chunk_size)
+    options = (in_axes, out_axes, axis_name, axis_size, chunk_size, memory_budget)
     caller = shared("vmap", options, lambda: _VmapCaller(*options))
     return decorator_or_call(fun, lambda f: transformed(f, caller), "filter_vmap")
+
+
+def chosen_chunk_size(fun: Callable[..., Any], /, *args: Any, **kwargs: Any) -> int:
+    """How many elements a `filter_vmap`-ped function maps at a time for these
+    arguments: the chunk that `chunk_size="auto"` picks (or the fixed
+    `chunk_size`), without running the function.
+
+    **Arguments:**
+
+    - `fun`: a function made by [`eqpar.filter_vmap`][] (also as a method).
+    - `*args`, `**kwargs`: the arguments it would be called with (arrays or
+        `jax.ShapeDtypeStruct`s are both fine where only shapes matter, since
+        nothing runs).
+
+    **Returns:**
+
+    The number of elements per chunk: the mapped size itself when the whole map
+    runs at once (it fits the budget, or `chunk_size` is `None` or at least the
+    size). With `"auto"` the choice is computed as a call would (compiling the map
+    on abstract shapes, never running it) and cached per call signature, so asking
+    first costs the call nothing. Each new choice is also logged at debug level on
+    the `"eqpar"` logger, with the temporaries measured
+    (`logging.getLogger("eqpar").setLevel(logging.DEBUG)`).
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, eqpar
+
+        def f(x):
+            return jnp.tanh(jnp.outer(x, x)) @ x
+
+        x = jnp.ones((1000, 128))
+        small = eqpar.filter_vmap(f, chunk_size="auto", memory_budget=2**20)
+        chunk = eqpar.chosen_chunk_size(small, x)
+        assert 1 <= chunk < 1000                       # 1 MiB: chunked
+        assert jnp.allclose(small(x), jax.vmap(f)(x))  # same result
+        ```
+    """
+    target, bound = fun, ()
+    if isinstance(target, eqx.Partial):  # a method: the instance comes first
+        target, bound = target.func, tuple(target.args)
+    caller = getattr(target, "_compiled", None)
+    if not isinstance(caller, _VmapCaller):
+        raise SpecError(
+            f"chosen_chunk_size takes a function made by `eqpar.filter_vmap`, got "
+            f"{type(fun).__name__} {fun!r:.80}. Pass the mapped function, e.g. "
+            "`eqpar.chosen_chunk_size(eqpar.filter_vmap(f, chunk_size='auto'), x)`."
+        )
+    found: list[int] = []
+
+    def choose(args: tuple, kwargs: dict) -> None:
+        call = MappedCall(
+            target._fun,  # type: ignore[attr-defined]
+            args,
+            kwargs,
+            caller.in_axes,
+            caller.out_axes,
+            caller.axis_size,
+        )
+        size = call.require_size("chosen_chunk_size")
+        chunk = caller.chunk_for(call, size)
+        found.append(size if chunk is None else chunk)
+
+    leaves = jtu.tree_leaves((bound, args, kwargs))
+    if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves):
+        eqx.filter_eval_shape(choose, bound + args, kwargs)  # shapes only
+    else:
+        choose(bound + args, kwargs)
+    return found[0]
