@@ -52,7 +52,7 @@ def _pmap_run(
     args: tuple,
     kwargs: dict,
     context: None,
-) -> tuple[Any, list[NamedSharding]]:
+) -> tuple[Any, list[NamedSharding] | None]:
     del context
     check_not_nested()
     call = MappedCall(fun, args, kwargs, in_axes, out_axes, axis_size)
