@@ -45,6 +45,10 @@ from ._placement import (
     replicate as replicate,
     unreplicate as unreplicate,
 )
+from ._placement_cache import (
+    placement_cache as placement_cache,
+    PlacementCacheInfo as PlacementCacheInfo,
+)
 from ._pmap import filter_pmap as filter_pmap
 from ._shard_map import filter_shard_map as filter_shard_map
 from ._vmap import (

@@ -22,8 +22,27 @@ own cache then keys on shapes and dtypes. Every cache here is bounded (oldest en
 dropped first), and static leaves must be hashable, as for `jax.jit` and
 `equinox.filter_jit` (a Module's static fields need not be: unhashable tree
 structures are compared by value).
+
+Two shortcuts make the paths users actually take cost no more than raw JAX:
+
+- *Flatten once per Module.* A Module object passed again (an evaluation loop, a
+  fixed model, a frozen encoder) is not flattened again: from its second call on, a
+  `_Record` (held weakly, it dies with the Module) keeps its array leaves (the same
+  objects, so a mutated NumPy leaf is seen) and a token standing for its tree
+  structure, leaf types and static values. A call whose arguments are all such
+  Modules or arrays is then looked up by tokens (`Compiled._fast`), skipping the
+  flatten and the plan. Only Modules whose every node is immutable (Modules, tuples,
+  None) are recorded; one holding a list or a dict is flattened on every call.
+- *Place once.* A backend that runs on a mesh reports the shardings its inputs
+  should have; inputs elsewhere are moved there before the call (never by a failed
+  call first), and the copies of unchanged `jax.Array`s are kept by
+  `_placement_cache` (weakly, bounded by bytes). A recorded Module keeps a *view*
+  per compiled program: its arrays as placed, checked on each call only for
+  deleted (donated) sources.
 """
 
+import inspect
+import itertools
 import operator
 import types
 import warnings
@@ -35,8 +54,11 @@ import equinox as eqx
 import jax
 import jax.core
 import jax.tree_util as jtu
+import numpy as np
 
+from . import _placement_cache
 from ._errors import SpecError
+from ._placement_cache import ArrayImpl
 from ._specs import DYNAMIC, is_array, leaf_names, merge_leaves, split_leaves
 
 
@@ -55,6 +77,20 @@ MAX_ENTRIES = 256
 MAX_PLANS = 256
 MAX_SHARED = 256
 MAX_SLOW_PLANS = 64
+# Flatten-once and placement bookkeeping: recorded Modules, interned Module tokens,
+# fast-path keys per transform, views per recorded Module, target shardings per
+# fast key.
+MAX_RECORDS = 1024
+MAX_TOKENS = 1024
+MAX_FAST = 1024
+MAX_VIEWS = 16
+MAX_FAST_TARGETS = 64
+# A placing program checks its inputs' shardings on every call while it has lately
+# needed to place some (and for its first `SETTLE` calls), then once every
+# `CHECK_EVERY` calls: an input left unplaced in between is still correct (`jax.jit`
+# moves it), only slower, until the next check.
+SETTLE = 8
+CHECK_EVERY = 64
 
 _flatten = jtu.tree_flatten
 
@@ -97,12 +133,32 @@ class _Entry:
         "placements",
         "donating",
         "refs",
+        "serial",
+        "dead",
+        "checking",
+        "flagged",
+        "countdown",
+        "clean",
+        "tried",
+        "aot",
     )
 
     def __init__(self) -> None:
         self.call: Callable[[tuple[Any, ...]], list[Any]] = _unset
         self.jitted: Any = None
         self.donating = False
+        self.serial = next(_SERIALS)
+        self.dead = False  # a function it was compiled for died (see `_new_entry`)
+        # Placement state (see `prepare`): `checking` until a trace shows that the
+        # backend reports no shardings; `flagged` while inputs lately needed placing.
+        self.checking = True
+        self.flagged = True
+        self.countdown = CHECK_EVERY
+        self.clean = 0
+        self.tried: set[tuple] = set()
+        # Placing programs: one executable per input shapes, compiled from the
+        # first trace (see `targets`).
+        self.aot: dict[tuple, Any] = {}
         self.out: tuple[Any, tuple, bool] | None = None
         self.first_avals: tuple | None = None
         # Non-array outputs that differ between traces (they depend on shapes) are
@@ -115,8 +171,8 @@ class _Entry:
         self, treedef: Any, signature: list[Any], arrays: Sequence[Any], shardings: Any
     ) -> None:
         avals = _avals(arrays)
-        if shardings is not None:
-            self.placements[avals] = shardings
+        if shardings is not None and len(shardings) == len(arrays):
+            self.placements[avals] = list(shardings)
         all_dynamic = all(s is DYNAMIC for s in signature)
         out = (treedef, tuple(signature), all_dynamic)
         if self.by_avals is not None:
@@ -130,15 +186,92 @@ class _Entry:
     def __call__(self, arrays: tuple[Any, ...]) -> Any:
         if self.donating:
             return self._donating(arrays)
+        if self.checking:
+            arrays = self.prepare(arrays)
         try:
             out_arrays = self.call(arrays)
         except Exception:
-            placed = self.place(arrays)
-            if placed is None:
+            recovered = self.recover(arrays)
+            if recovered is None:
                 raise
-            arrays = placed
-            out_arrays = self.call(arrays)
+            arrays, out_arrays = recovered
         return self.rebuild(out_arrays, arrays)
+
+    def recover(self, arrays: tuple[Any, ...]) -> tuple[tuple, list[Any]] | None:
+        """After a failed call: the call again with what it lacked (inputs placed,
+        the executable for these shapes, or `jax.jit` itself under an outer trace),
+        or `None` when none of that was the cause."""
+        if any(isinstance(x, jax.core.Tracer) for x in arrays):
+            if self.call is self.jitted:
+                return None
+            return arrays, self.jitted(arrays)
+        if self.checking:
+            self.targets(arrays)  # new shapes: trace and compile for them
+        avals = _avals(arrays)
+        exe = self.aot.get(avals)
+        placed = self.place(arrays)
+        if exe is not None:
+            self.call = exe
+            try:
+                return placed or arrays, exe(placed or arrays)
+            except Exception:
+                pass  # `jax.jit` decides: it retraces, or raises the real error
+        elif placed is None:
+            return None
+        return placed or arrays, self.jitted(placed or arrays)
+
+    def prepare(self, arrays: tuple[Any, ...]) -> tuple[Any, ...]:
+        """`arrays` placed where the program wants them, through the placement
+        cache, before the call (instead of after a failed one; `jax.jit` would
+        also move uncommitted inputs silently, but again on every call)."""
+        if not self.flagged:
+            self.countdown -= 1
+            if self.countdown > 0:
+                return arrays
+            self.countdown = CHECK_EVERY
+        targets = self.targets(arrays)
+        if targets is None:
+            return arrays
+        placed, _, moved = _placement_cache.place(arrays, targets, cache=True)
+        if moved:
+            self.flagged, self.clean = True, 0
+        else:
+            self.clean += 1
+            if self.clean >= SETTLE:
+                self.flagged = False
+        return placed
+
+    def targets(self, arrays: Sequence[Any]) -> list[Any] | None:
+        """The shardings the program wants for `arrays`, learnt by tracing first
+        when these shapes are new (so that the first call is already placed, and
+        compiles once), or `None` when the backend does not say."""
+        avals = _avals(arrays)
+        targets = self.placements.get(avals)
+        if targets is not None or avals in self.tried:
+            return targets
+        if any(isinstance(x, jax.core.Tracer) for x in arrays):
+            return None
+        if len(self.tried) >= MAX_ENTRIES:
+            self.tried.clear()
+            self.aot.clear()
+        self.tried.add(avals)
+        traced = self.jitted.trace(arrays)  # runs the body: records the shardings
+        targets = self.placements.get(avals)
+        if targets is None:
+            if not self.placements:
+                self.checking = False  # this backend places nothing (filter_jit)
+            return None
+        # Compiled from this trace, not by calling `jax.jit` with the placed inputs:
+        # jit's trace cache keys on where the inputs are, so that call would trace
+        # the function a second time. The executable takes inputs placed anywhere
+        # equivalent to the targets (and moves uncommitted ones itself).
+        try:
+            exe = traced.lower().compile()
+        except Exception:  # e.g. inputs committed to other devices: placed first
+            return targets
+        self.aot[avals] = exe
+        self.call = exe
+        return targets
 
     def _donating(self, arrays: tuple[Any, ...]) -> Any:
         """A donating call places inputs itself, so that it can say when what it
@@ -195,9 +328,16 @@ class _Entry:
             for x, s in zip(arrays, shardings)
         ):
             return None
-        if self.donating and self.misplaced(arrays):
-            _warn_donated_copy()
-        return tuple(jax.device_put(list(arrays), shardings))
+        if self.donating:
+            if self.misplaced(arrays):
+                _warn_donated_copy()
+            return tuple(jax.device_put(list(arrays), shardings))
+        self.flagged, self.clean = True, 0
+        placed, _, moved = _placement_cache.place(arrays, shardings, cache=True)
+        return placed if moved else None
+
+
+_SERIALS = itertools.count()
 
 
 def _warn_donated_copy() -> None:
@@ -274,6 +414,323 @@ class _Weak:
         self.ref = ref
 
 
+# ----------------------------------------------------------------------------------
+# Flatten once per Module, place once per array
+
+
+class _Token:
+    """Stands for one (tree structure, leaf types, static values) of a recorded
+    Module: equal Modules share one, so a fresh Module of the same structure finds
+    the compiled program through the fast path too. Hashed by identity."""
+
+    __slots__ = ()
+
+
+class _View:
+    """A recorded Module's arrays as one compiled program wants them placed."""
+
+    __slots__ = ("arrays", "sources")
+
+    def __init__(self, arrays: tuple[Any, ...], sources: tuple[Any, ...]):
+        self.arrays = arrays
+        # The source arrays whose cached copies this view holds: checked on every
+        # use, so that a source deleted or donated since is never stood in for.
+        self.sources = sources
+
+
+class _Record:
+    """A Module object passed to a compiled call: from the second call on, its
+    flattening (array leaves and token), reused while it lives. Eqx Modules are
+    frozen, and only Modules whose nodes are all immutable are recorded, so the same
+    object always flattens to the same leaves."""
+
+    __slots__ = ("ref", "token", "arrays", "views", "serial", "__weakref__")
+
+    def __init__(self, ref: "weakref.ref[Any]"):
+        self.ref = ref
+        self.token: _Token | None | Literal[False] = None  # False: not recordable
+        self.arrays: tuple[Any, ...] = ()
+        self.views: dict[Hashable, _View] = {}
+        self.serial = next(_SERIALS)
+
+    def fill(self, obj: Any) -> None:
+        self.token = False
+        leaves, treedef = _flatten(obj)
+        if not _immutable(treedef):
+            return
+        arrays, statics = [], []
+        for leaf in leaves:
+            if is_array(leaf):
+                if isinstance(leaf, jax.core.Tracer):
+                    return  # inside a trace: nothing worth keeping
+                arrays.append(leaf)
+            else:  # functions by identity and not held, as in `Compiled._lookup`
+                statics.append(id(leaf) if type(leaf) is types.FunctionType else leaf)
+        key = (treedef, tuple(map(type, leaves)), tuple(statics))
+        try:
+            token = _TOKENS.get(key)
+        except TypeError:  # an unhashable static value: the general path decides
+            return
+        if token is None:
+            token = _Token()
+            _bounded_put(_TOKENS, key, token, MAX_TOKENS)
+        self.arrays = tuple(arrays)
+        self.token = token
+
+    def view(self, key: Hashable, targets: Sequence[Any]) -> _View:
+        placed, used, moved = _placement_cache.place(self.arrays, targets, cache=True)
+        view = _View(placed, tuple(source for source, _ in used))
+        copies = sum(a is not b for a, b in zip(placed, self.arrays))
+        if copies == len(used):  # every copy is in the cache: the view may stay
+            if len(self.views) >= MAX_VIEWS:
+                del self.views[next(iter(self.views))]
+            self.views[key] = view
+            me = weakref.ref(self)
+            for _, copy in used:
+                copy.views.append((me, key))
+        return view
+
+
+_RECORDS: dict[int, _Record] = {}
+_TOKENS: dict[Hashable, _Token] = {}
+_is_deleted = ArrayImpl.is_deleted
+
+
+def _immutable(treedef: Any) -> bool:
+    """Whether every node of `treedef` is immutable: Modules (frozen), tuples and
+    named tuples, None. A list or a dict could change under a recorded Module."""
+    data = treedef.node_data()
+    if data is None:
+        return True
+    kind = data[0]
+    if not (
+        kind is tuple or kind is type(None) or issubclass(kind, (tuple, eqx.Module))
+    ):
+        return False
+    return all(_immutable(child) for child in treedef.children())
+
+
+def _note(obj: Any) -> None:
+    """Notes a Module passed to a compiled call; records it when it comes back."""
+    key = id(obj)
+    rec = _RECORDS.get(key)
+    if rec is not None and rec.ref() is obj:
+        if rec.token is None:
+            rec.fill(obj)
+        return
+
+    def forget(ref: Any) -> None:
+        if _RECORDS.get(key) is rec:
+            del _RECORDS[key]
+
+    rec = _Record(weakref.ref(obj, forget))
+    if len(_RECORDS) >= MAX_RECORDS:
+        del _RECORDS[next(iter(_RECORDS))]
+    _RECORDS[key] = rec
+
+
+_FunctionType = types.FunctionType
+_MethodType = types.MethodType
+
+
+class _Probe(eqx.Module):
+    def method(self) -> None:
+        pass
+
+
+_BoundMethod = type(_Probe().method)  # Equinox's own bound method, a Module
+_METHOD = object()  # fast-key markers: a bound method, an Equinox BoundMethod
+_BOUND = object()
+
+
+def _owner(fun: Any) -> Any:
+    """The Module a compiled function's leaves come from, if any."""
+    t = type(fun)
+    if t is _MethodType:
+        return fun.__self__
+    if t is _BoundMethod:
+        return _get(fun, "__self__")
+    return fun
+
+
+def _fast_key(
+    fun: Any, args: tuple, context_fn: Callable[[], Hashable] | None
+) -> tuple[tuple, list[Any]] | None:
+    """The fast-path key of a call whose function and arguments are all plain
+    functions, recorded Modules or arrays, and its parts (a `_Record` or an array
+    per position), or `None`."""
+    records = _RECORDS
+    t = type(fun)
+    parts: list[Any] = []
+    if t is _FunctionType:
+        key: list[Any] = [id(fun)]
+    else:
+        if t is _MethodType:
+            owner = fun.__self__
+            key = [id(fun.__func__), _METHOD]
+        elif t is _BoundMethod:
+            owner = _get(fun, "__self__")
+            key = [id(_get(fun, "__func__")), _BOUND]
+        else:
+            owner, key = fun, []
+        rec = records.get(id(owner))
+        if rec is None or not rec.token or rec.ref() is not owner:
+            return None
+        key.append(rec.token)
+        parts.append(rec)
+    for a in args:
+        t = type(a)
+        if t is ArrayImpl or t is np.ndarray:
+            key.append(t)
+            parts.append(a)
+            continue
+        rec = records.get(id(a))
+        if rec is None or not rec.token or rec.ref() is not a:
+            return None
+        key.append(rec.token)
+        parts.append(rec)
+    if context_fn is not None:
+        key.append(context_fn())
+    return tuple(key), parts
+
+
+def _note_call(fun: Any, args: tuple) -> None:
+    owner = _owner(fun)
+    if type(owner) is not _FunctionType and isinstance(owner, eqx.Module):
+        _note(owner)
+    for a in args:
+        if type(a) is not ArrayImpl and isinstance(a, eqx.Module):
+            _note(a)
+
+
+class _Fast:
+    """A fast-path hit: the compiled entry for a call by tokens, and where each
+    part's arrays go."""
+
+    __slots__ = ("entry", "is_rec", "bounds", "targets", "arrays")
+
+    def __init__(self, entry: _Entry, parts: list[Any]):
+        self.entry = entry
+        self.is_rec = tuple(type(p) is _Record for p in parts)
+        bounds, start = [], 0
+        for p, r in zip(parts, self.is_rec):
+            stop = start + (len(p.arrays) if r else 1)
+            bounds.append((start, stop))
+            start = stop
+        self.bounds = bounds
+        self.targets: dict[tuple, list[Any]] = {}
+        self.arrays = _CONCAT.get(self.is_rec, self._arrays)
+
+    def _arrays(self, parts: list[Any]) -> tuple[Any, ...]:
+        out: tuple[Any, ...] = ()
+        for p, r in zip(parts, self.is_rec):
+            out += p.arrays if r else (p,)
+        return out
+
+    def __call__(self, parts: list[Any]) -> Any:
+        entry = self.entry
+        if entry.checking and not entry.donating:
+            return self.placed(parts)
+        return entry(self.arrays(parts))
+
+    def placed(self, parts: list[Any]) -> Any:
+        """The call of a program that runs on a mesh: a recorded Module's arrays
+        come from its view for this program (placed once), an array argument is
+        placed through the placement cache when it is not where it belongs."""
+        entry = self.entry
+        shapes = tuple(
+            p.serial if r else (p.shape, p.dtype) for p, r in zip(parts, self.is_rec)
+        )
+        targets = self.targets.get(shapes)
+        if targets is None:
+            arrays = self.arrays(parts)
+            targets = entry.targets(arrays)
+            if targets is None:
+                return entry(arrays)
+            if len(self.targets) >= MAX_FAST_TARGETS:
+                self.targets.clear()
+            self.targets[shapes] = targets
+        pieces: list[Any] = []
+        key = (entry.serial, shapes)
+        for p, r, (start, stop) in zip(parts, self.is_rec, self.bounds):
+            if r:
+                view = p.views.get(key)
+                if view is None or (
+                    view.sources and any(map(_is_deleted, view.sources))
+                ):
+                    view = p.view(key, targets[start:stop])
+                pieces.extend(view.arrays)
+            elif type(p) is ArrayImpl and p.sharding == targets[start]:
+                pieces.append(p)
+            else:
+                pieces.extend(
+                    _placement_cache.place((p,), targets[start:stop], cache=True)[0]
+                )
+        arrays = tuple(pieces)
+        try:
+            out_arrays = entry.call(arrays)
+        except Exception:
+            # A view's copy deleted since (say): forget the views, go the long way.
+            for p, r in zip(parts, self.is_rec):
+                if r:
+                    p.views.pop(key, None)
+            return entry(self.arrays(parts))
+        return entry.rebuild(out_arrays, arrays)
+
+
+# The array tuple of the commonest calls, without a loop: f(model, x), f(model),
+# model(x), f(x), f(model, x, y).
+_CONCAT: dict[tuple[bool, ...], Callable[[list[Any]], tuple[Any, ...]]] = {
+    (True, False): lambda p: p[0].arrays + (p[1],),
+    (True,): lambda p: p[0].arrays,
+    (False,): lambda p: (p[0],),
+    (True, False, False): lambda p: p[0].arrays + (p[1], p[2]),
+    (False, False): lambda p: (p[0], p[1]),
+}
+
+
+class _MethodNode:
+    """A bound method of a Module, flattened as its function (a static leaf, keyed
+    by identity) and its Module (a subtree whose arrays are inputs, as for
+    Equinox's own bound methods), so that `filter_pmap(model.__call__)` of a fresh
+    Module of the same structure finds the same compiled program. The backend gets
+    it as the function: it calls like the bound method."""
+
+    __slots__ = ("func", "owner")
+
+    def __init__(self, func: Any, owner: Any):
+        self.func, self.owner = func, owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(self.owner, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # names arguments in errors
+        return inspect.signature(types.MethodType(self.func, self.owner))
+
+    def __getattr__(self, name: str) -> Any:  # __name__, __qualname__, ...
+        if name in ("func", "owner"):
+            raise AttributeError(name)
+        return getattr(types.MethodType(self.func, self.owner), name)
+
+
+jtu.register_pytree_with_keys(
+    _MethodNode,
+    lambda m: (
+        ((jtu.GetAttrKey("__func__"), m.func), (jtu.GetAttrKey("__self__"), m.owner)),
+        None,
+    ),
+    lambda _, children: _MethodNode(*children),
+    flatten_func=lambda m: ((m.func, m.owner), None),
+)
+
+
+def _as_tree(fun: Any) -> Any:
+    if type(fun) is _MethodType and isinstance(fun.__self__, eqx.Module):
+        return _MethodNode(fun.__func__, fun.__self__)
+    return fun
+
+
 class Compiled:
     """The compile cache of one transform with one set of options, shared by every
     wrapper that has them (see `shared`).
@@ -296,12 +753,41 @@ class Compiled:
         # are equal and hash alike but trace differently.
         self._plans: dict[Hashable, _Plan] = {}
         self._slow_plans: list[tuple[Any, _Plan]] = []
+        # Fast-path key (see `_fast_key`) -> the entry the general path found for it.
+        self._fast: dict[Hashable, _Fast] = {}
 
     def __call__(self, fun: Any, args: tuple, kwargs: dict) -> Any:
-        # The hot path: one flatten, a tuple of the leaves' types, two dict lookups,
-        # two itemgetters and one call of the compiled function; no Python loop over
-        # the leaves. Keep it that way (benchmarks/dispatch*.py).
+        # The hot paths (benchmarks/dispatch*.py; keep them lean, no Python loop over
+        # the leaves). Fast: the function and each argument by identity or type, one
+        # dict lookup, one call. General: one flatten, a tuple of the leaves' types,
+        # two dict lookups, two itemgetters and one call.
+        if not kwargs:
+            found = _fast_key(fun, args, self._context_fn)
+            if found is not None:
+                key, parts = found
+                fast = self._fast.get(key)
+                if fast is None or fast.entry.dead:
+                    return self._fast_miss(found, fun, args)
+                entry = fast.entry
+                if entry.checking or entry.donating:
+                    return fast(parts)
+                arrays = fast.arrays(parts)
+                try:
+                    out_arrays = entry.call(arrays)
+                except Exception:
+                    return entry(arrays)  # the long way, which can recover
+                return entry.rebuild(out_arrays, arrays)
+            _note_call(fun, args)
         entry, arrays = self._lookup(fun, args, kwargs)
+        return entry(arrays)
+
+    def _fast_miss(self, found: tuple[tuple, list[Any]], fun: Any, args: tuple) -> Any:
+        key, parts = found
+        entry, arrays = self._lookup(fun, args, {})
+        fast = _Fast(entry, parts)
+        mine = fast.arrays(parts)
+        if len(mine) == len(arrays) and all(map(operator.is_, mine, arrays)):
+            _bounded_put(self._fast, key, fast, MAX_FAST)
         return entry(arrays)
 
     def lower(self, fun: Any, args: tuple, kwargs: dict) -> "Lowered":
@@ -313,6 +799,7 @@ class Compiled:
         return Lowered(lowered, self, entry, fun)
 
     def _lookup(self, fun: Any, args: tuple, kwargs: dict) -> tuple[_Entry, tuple]:
+        fun = _as_tree(fun)
         leaves, treedef = _flatten((fun, args, kwargs))
         shape = (treedef, tuple(map(type, leaves)))
         try:
@@ -376,7 +863,7 @@ class Compiled:
         treedef: Any,
         plan: _Plan,
         leaves: list[Any],
-        key: Hashable,
+        key: tuple,
         fun: Any,
         args: tuple,
     ) -> _Entry:
@@ -387,6 +874,7 @@ class Compiled:
             entries = plan.entries
 
             def forget(_: Any) -> None:
+                entry.dead = True  # fast-path keys hold its id: never serve it again
                 if entries.get(key) is entry:
                     del entries[key]
 
@@ -411,6 +899,7 @@ class Compiled:
         if self._donate == "none":
             entry.jitted = entry.call = jax.jit(body)
             return entry
+        entry.checking = False  # a donating call places by itself (`_donating`)
         keep_first = self._donate.endswith("except-first")
         kept: set[int] = set()
         if keep_first and args:

@@ -1,0 +1,287 @@
+"""Placed copies of immutable arrays, so that unchanged inputs move to the devices once.
+
+A compiled eqpar program that runs on a mesh (`filter_pmap`, `filter_shard_map`,
+`Parallel`) wants its array inputs with given shardings. An input that is elsewhere
+(a Module fresh from its constructor, kept on one device between evaluation calls)
+must be copied there, and `jax.jit` / `jax.pmap` copy it again on every call. JAX
+arrays are immutable, though: the copy of an unchanged array is still valid on the
+next call. This module remembers it, keyed on the source array's identity and the
+target sharding:
+
+- held weakly: a copy dies with its source (a `weakref` callback drops it);
+- never served for a source that was deleted or donated since (`is_deleted()` is
+  checked on every hit), nor a copy that was itself deleted (donated);
+- NumPy arrays are mutable, so they are never cached: they are copied afresh on
+  every call;
+- bounded by the bytes of the copies (summed over the devices they occupy), oldest
+  first out; `placement_cache(max_bytes=0)` (or the environment variable
+  `EQPAR_PLACEMENT_CACHE_BYTES=0`) turns it off.
+"""
+
+import math
+import os
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+# The concrete type of every committed or uncommitted `jax.Array` outside a trace.
+# One private import, checked by identity on the hot path (`isinstance` against the
+# `jax.Array` ABC costs ten times more).
+from jax._src.array import ArrayImpl
+
+
+ENV_VAR = "EQPAR_PLACEMENT_CACHE_BYTES"
+DEFAULT_MAX_BYTES = 1 << 30
+"""Default bound: 1 GiB of copies, summed over the devices that hold them."""
+MAX_COPIES = 1 << 16
+"""Bound on the number of copies (zero-sized arrays weigh nothing)."""
+
+
+def _initial_bound() -> int:
+    value = os.environ.get(ENV_VAR)
+    if value is None or not value.strip():
+        return DEFAULT_MAX_BYTES
+    try:
+        bound = int(value)
+    except ValueError:
+        bound = -1
+    if bound < 0:
+        raise ValueError(
+            f"{ENV_VAR}={value!r}: expected a number of bytes >= 0 (0 turns eqpar's "
+            "placement cache off)."
+        )
+    return bound
+
+
+class _Copy:
+    """One placed copy of one source array for one target sharding."""
+
+    __slots__ = ("key", "copy", "nbytes", "views")
+
+    def __init__(self, key: tuple[int, Any], copy: Any, nbytes: int):
+        self.key = key
+        self.copy = copy
+        self.nbytes = nbytes
+        # Views (see `_dispatch._Record`) holding this copy: dropped with it.
+        self.views: list[tuple[weakref.ref, Any]] = []
+
+
+class _Source:
+    __slots__ = ("ref", "copies")
+
+    def __init__(self, ref: weakref.ref):
+        self.ref = ref
+        self.copies: dict[Any, _Copy] = {}
+
+
+_sources: dict[int, _Source] = {}
+_lru: "OrderedDict[tuple[int, Any], _Copy]" = OrderedDict()
+_stats = {"bytes": 0, "hits": 0, "misses": 0, "max_bytes": _initial_bound()}
+
+
+class PlacementCacheInfo(NamedTuple):
+    """The state of eqpar's placement cache (see [`eqpar.placement_cache`][])."""
+
+    max_bytes: int
+    """The bound on the bytes of cached copies (0: the cache is off)."""
+    bytes: int
+    """Bytes held by cached copies now, summed over the devices holding them."""
+    copies: int
+    """Number of cached copies."""
+    hits: int
+    """Placements served from the cache since the process started."""
+    misses: int
+    """Placements made (and cached, if they fit) since the process started."""
+
+
+def placement_cache(
+    max_bytes: int | None = None, *, clear: bool = False
+) -> PlacementCacheInfo:
+    """Reads or sets the bound of eqpar's placement cache.
+
+    When a compiled eqpar program that runs on a mesh (`filter_pmap`,
+    `filter_shard_map`, `Parallel`) receives an array input that is not where the
+    program wants it (e.g. a Module fresh from its constructor, on one device), the
+    input is copied there. The copy is kept, keyed on the source array and the
+    target sharding, so the next call with the same unchanged array reuses it
+    instead of copying again. A copy is held only as long as its source array is
+    alive and not deleted or donated; NumPy arrays (mutable) are never cached; the
+    copies are bounded by bytes, oldest first out. Results never depend on the
+    cache: it only saves transfers.
+
+    **Arguments:**
+
+    - `max_bytes`: the new bound on the bytes of cached copies, summed over the
+        devices holding them (default 1 GiB, or the environment variable
+        `EQPAR_PLACEMENT_CACHE_BYTES` at import). `0` turns the cache off and drops
+        every copy. `None` (default) leaves the bound as it is.
+    - `clear`: drop every cached copy now (the bound stays).
+
+    **Returns:**
+
+    A `PlacementCacheInfo(max_bytes, bytes, copies, hits, misses)` after the change.
+
+    !!! example
+
+        ```python
+        import equinox as eqx, jax, jax.numpy as jnp, eqpar
+
+        model = eqx.nn.Linear(4, 4, key=jax.random.key(0))  # on one device
+        forward = eqpar.filter_pmap(lambda m, x: m(x), in_axes=(None, 0))
+        x = jnp.ones((jax.device_count(), 4))
+        forward(model, x)  # copies the weights to every device, once
+        forward(model, x)  # reuses the copies
+        assert eqpar.placement_cache().copies >= 2
+
+        previous = eqpar.placement_cache().max_bytes
+        eqpar.placement_cache(max_bytes=0)  # off: every call copies again
+        assert eqpar.placement_cache().copies == 0
+        eqpar.placement_cache(max_bytes=previous)
+        ```
+    """
+    if max_bytes is not None:
+        if (
+            isinstance(max_bytes, bool)
+            or not isinstance(max_bytes, (int, np.integer))
+            or max_bytes < 0
+        ):
+            raise ValueError(
+                f"placement_cache: `max_bytes` must be a number of bytes >= 0 (0 "
+                f"turns the cache off), got {max_bytes!r}."
+            )
+        _stats["max_bytes"] = int(max_bytes)
+        _evict()
+    if clear:
+        for copy in list(_lru.values()):
+            _drop(copy)
+    return PlacementCacheInfo(
+        max_bytes=_stats["max_bytes"],
+        bytes=_stats["bytes"],
+        copies=len(_lru),
+        hits=_stats["hits"],
+        misses=_stats["misses"],
+    )
+
+
+def _nbytes(copy: Any) -> int:
+    sharding = copy.sharding
+    shard = sharding.shard_shape(copy.shape)
+    return math.prod(shard) * copy.dtype.itemsize * len(sharding.device_set)
+
+
+def _forget_source(key: int, ref: weakref.ref) -> None:
+    """The source died: its copies go."""
+    source = _sources.get(key)
+    if source is None or source.ref is not ref:
+        return
+    for copy in list(source.copies.values()):
+        _drop(copy)
+    _sources.pop(key, None)
+
+
+def _drop(copy: _Copy) -> None:
+    if _lru.pop(copy.key, None) is None:
+        return
+    _stats["bytes"] -= copy.nbytes
+    source_id, target = copy.key
+    source = _sources.get(source_id)
+    if source is not None and source.copies.get(target) is copy:
+        del source.copies[target]
+        if not source.copies:
+            del _sources[source_id]
+    for ref, key in copy.views:
+        owner = ref()
+        if owner is not None:
+            owner.views.pop(key, None)
+    copy.views.clear()
+
+
+def _evict() -> None:
+    limit = _stats["max_bytes"]
+    while _lru and (_stats["bytes"] > limit or len(_lru) > MAX_COPIES):
+        _drop(next(iter(_lru.values())))
+
+
+def _lookup(x: Any, target: Any) -> _Copy | None:
+    source = _sources.get(id(x))
+    if source is None or source.ref() is not x:
+        return None
+    copy = source.copies.get(target)
+    if copy is None:
+        return None
+    if copy.copy.is_deleted():
+        _drop(copy)
+        return None
+    _lru.move_to_end(copy.key)
+    _stats["hits"] += 1
+    return copy
+
+
+def _insert(x: Any, target: Any, placed: Any) -> _Copy | None:
+    nbytes = _nbytes(placed)
+    if nbytes > _stats["max_bytes"]:
+        return None
+    key = id(x)
+    source = _sources.get(key)
+    if source is None or source.ref() is not x:
+        if source is not None:  # an id reused by a new array: the old one is dead
+            for old in list(source.copies.values()):
+                _drop(old)
+        source = _Source(weakref.ref(x, lambda ref, key=key: _forget_source(key, ref)))
+        _sources[key] = source
+    copy = _Copy((key, target), placed, nbytes)
+    previous = source.copies.get(target)
+    if previous is not None:
+        _drop(previous)
+        _sources[key] = source
+    source.copies[target] = copy
+    _lru[copy.key] = copy
+    _stats["bytes"] += nbytes
+    _evict()
+    return copy if copy.key in _lru else None
+
+
+def place(
+    arrays: Sequence[Any], targets: Sequence[Any], cache: bool
+) -> tuple[tuple[Any, ...], list[tuple[Any, _Copy]], bool]:
+    """`arrays` with each array leaf moved to its target sharding.
+
+    Returns the placed arrays, the `(source, cached copy)` pairs used, and whether
+    anything had to be placed. Leaves already there are passed as they are, and so
+    are tracers and deleted arrays (JAX then raises its own error). With `cache`,
+    copies of `jax.Array` sources are looked up and remembered; NumPy sources are
+    always copied afresh.
+    """
+    out = list(arrays)
+    used: list[tuple[Any, _Copy]] = []
+    todo: list[int] = []
+    cache = cache and _stats["max_bytes"] > 0
+    for i, (x, target) in enumerate(zip(arrays, targets)):
+        if type(x) is ArrayImpl:
+            if x.sharding == target or x.is_deleted():
+                continue
+            if cache:
+                hit = _lookup(x, target)
+                if hit is not None:
+                    out[i] = hit.copy
+                    used.append((x, hit))
+                    continue
+            todo.append(i)
+        elif isinstance(x, (np.ndarray, np.generic)):
+            todo.append(i)
+        # anything else (a tracer inside an outer trace) is JAX's to handle
+    if todo:
+        moved = jax.device_put([arrays[i] for i in todo], [targets[i] for i in todo])
+        for i, placed in zip(todo, moved):
+            out[i] = placed
+            x = arrays[i]
+            if cache and type(x) is ArrayImpl:
+                _stats["misses"] += 1
+                copy = _insert(x, targets[i], placed)
+                if copy is not None:
+                    used.append((x, copy))
+    return tuple(out), used, bool(used) or bool(todo)
