@@ -142,7 +142,7 @@ def _varying(x: Any) -> frozenset[Hashable]:
         return frozenset()
 
 
-def _initial(shape: tuple[int, ...], like: Any) -> Any:
+def initial_buffer(shape: tuple[int, ...], like: Any) -> Any:
     """A buffer of `shape` with the dtype and replication type of `like` (an output
     of the traced body), to be filled in place by the scan."""
     buf = jnp.zeros(shape, like.dtype)  # typed keys too
@@ -213,8 +213,8 @@ def run_chunked(
     out_tree = jtu.tree_structure(shapes)
     mapped_shapes, unmapped_shapes = shapes
     init = (
-        [_initial((size, *s.shape[1:]), s) for s in mapped_shapes],
-        [_initial(tuple(s.shape), s) for s in unmapped_shapes],
+        [initial_buffer((size, *s.shape[1:]), s) for s in mapped_shapes],
+        [initial_buffer(tuple(s.shape), s) for s in unmapped_shapes],
     )
     inputs_b = jtu.tree_leaves(broadcast)
 

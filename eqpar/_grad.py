@@ -43,7 +43,8 @@ from ._collectives import (
     mark_varying,
     varying_axes,
 )
-from ._errors import ReplicationError, SpecError
+from ._errors import Checked, ReplicationError, SpecError
+from ._microbatch import accumulate, check_microbatch
 from ._specs import is_array
 
 
@@ -105,6 +106,7 @@ def _value_and_grad_mean(
     args: tuple,
     kwargs: dict,
     count: ArrayLike | None,
+    microbatch: int | None = None,
 ) -> tuple[Any, PyTree]:
     manual = _manual(axis_name)
     checked = _checked(manual)
@@ -125,9 +127,20 @@ def _value_and_grad_mean(
 
     diff, static = eqx.partition(model, eqx.is_inexact_array)
     local = eqx.combine(mark_varying(diff, axis_name), static)
-    (_, (share, aux)), grads = eqx.filter_value_and_grad(objective, has_aux=True)(
-        local, *args, **kwargs
-    )
+    value_and_grad = eqx.filter_value_and_grad(objective, has_aux=True)
+    if microbatch is None:
+        (_, (share, aux)), grads = value_and_grad(local, *args, **kwargs)
+    else:  # the same objective, `microbatch` examples at a time
+        share, aux, grads = accumulate(
+            value_and_grad,
+            local,
+            args,
+            kwargs,
+            microbatch,
+            count,
+            has_aux,
+            "filter_value_and_grad_mean",
+        )
     value = _psum_kept(share, keep, axis_name, manual, checked)
     grads = _psum_kept(grads, keep, axis_name, manual, checked)
     return ((value, aux) if has_aux else value), grads
@@ -138,6 +151,7 @@ class _ValueAndGradMean(eqx.Module):
     _axis_name: AxisName = eqx.field(static=True)
     _has_aux: bool = eqx.field(static=True)
     _grad_only: bool = eqx.field(static=True)
+    _microbatch: int | None = eqx.field(static=True, default=None)
 
     @property
     def __wrapped__(self) -> Callable[..., Any]:
@@ -147,7 +161,14 @@ class _ValueAndGradMean(eqx.Module):
         self, model: Any, /, *args: Any, count: ArrayLike | None = None, **kwargs: Any
     ) -> Any:
         out, grads = _value_and_grad_mean(
-            self._fun, self._axis_name, self._has_aux, model, args, kwargs, count
+            self._fun,
+            self._axis_name,
+            self._has_aux,
+            model,
+            args,
+            kwargs,
+            count,
+            self._microbatch,
         )
         if not self._grad_only:
             return out, grads
@@ -160,7 +181,11 @@ class _ValueAndGradMean(eqx.Module):
 
 
 def filter_value_and_grad_mean(
-    fun: Callable[..., Any], axis_name: AxisName, *, has_aux: bool = False
+    fun: Callable[..., Any],
+    axis_name: AxisName,
+    *,
+    has_aux: bool = False,
+    microbatch: Checked[int | None] = None,
 ) -> Callable[..., Any]:
     """The loss and its gradient, averaged across devices, in one call: the
     data-parallel form of `eqx.filter_value_and_grad`, the same under every transform.
@@ -181,6 +206,16 @@ def filter_value_and_grad_mean(
         device's shard of the batch.
     - `axis_name`: the data-parallel axis (or a tuple of axes) to average over.
     - `has_aux`: whether `fun` returns `(loss, aux)`.
+    - `microbatch`: gradient accumulation: split each device's batch (axis 0 of
+        every array argument after the model) into microbatches of this many
+        examples, differentiate `fun` on one at a time (a `lax.scan`, so only one
+        microbatch's activations are alive) and sum their gradients, each weighted
+        by its share of the device's examples. For a `fun` that returns the mean
+        loss over its rows this is exactly the full-batch result (with `count`,
+        the first `count` rows are the real ones, as `eqpar.pad_batch` and
+        `Parallel` lay them out). With `has_aux=True`, `aux` comes back stacked
+        per microbatch, so the microbatch must divide the batch. See the
+        [chunking page](../chunking.md).
 
     **Returns:**
 
@@ -216,12 +251,17 @@ def filter_value_and_grad_mean(
         assert jnp.allclose(grads.weight, ref_grads.weight, rtol=1e-5)
         ```
     """
-    wrapper = _ValueAndGradMean(fun, axis_name, has_aux, False)
+    check_microbatch(microbatch, "filter_value_and_grad_mean")
+    wrapper = _ValueAndGradMean(fun, axis_name, has_aux, False, microbatch)
     return eqx.module_update_wrapper(wrapper)
 
 
 def filter_grad_mean(
-    fun: Callable[..., Any], axis_name: AxisName, *, has_aux: bool = False
+    fun: Callable[..., Any],
+    axis_name: AxisName,
+    *,
+    has_aux: bool = False,
+    microbatch: Checked[int | None] = None,
 ) -> Callable[..., Any]:
     """As [`eqpar.filter_value_and_grad_mean`][], returning only the averaged
     gradient: the data-parallel form of `eqx.filter_grad`.
@@ -250,7 +290,8 @@ def filter_grad_mean(
         assert jnp.allclose(grads[0], jax.grad(loss)(w, x.reshape(8, 2)))
         ```
     """
-    wrapper = _ValueAndGradMean(fun, axis_name, has_aux, True)
+    check_microbatch(microbatch, "filter_grad_mean")
+    wrapper = _ValueAndGradMean(fun, axis_name, has_aux, True, microbatch)
     return eqx.module_update_wrapper(wrapper)
 
 
