@@ -486,7 +486,7 @@ def chosen_chunk_size(fun: Callable[..., Any], /, *args: Any, **kwargs: Any) -> 
         small = eqpar.filter_vmap(f, chunk_size="auto", memory_budget=2**20)
         chunk = eqpar.chosen_chunk_size(small, x)
         assert 1 <= chunk < 1000                       # 1 MiB: chunked
-        assert jnp.allclose(small(x), jax.vmap(f)(x))  # same result
+        assert jnp.allclose(small(x), jax.vmap(f)(x), rtol=1e-4)  # same result
         ```
     """
     target, bound = fun, ()
