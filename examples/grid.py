@@ -1,6 +1,6 @@
 """A function on a grid: Python loops, meshgrid, nested vmap, chunked vmap.
 
-    python examples/grid.py --devices 8 [--n 6000 --loop-n 80 --chunk 500]
+    python examples/grid.py --devices 8 [--n 6000 --loop-n 80 --chunk 500 --budget 36]
 
 After QuantEcon's lecture on loops vs meshgrid vs vmap, for
 f(x, y) = cos(x^2 + y^2) / (1 + x^2 + y^2) on a grid z[i, j] = f(x[i], y[j]):
@@ -10,7 +10,11 @@ f(x, y) = cos(x^2 + y^2) / (1 + x^2 + y^2) on a grid z[i, j] = f(x[i], y[j]):
 (c) nested `eqpar.filter_vmap`: inner over y (`in_axes=(None, 0)`), outer over x
     (`in_axes=(0, None)`): f is written for scalars and sees flat vectors only;
 (d) the same with the outer map chunked (`chunk_size=--chunk` rows at a time);
-(e) max_y f(x, y) for every x, reducing each row as it is computed.
+(e) max_y f(x, y) for every x, reducing each row as it is computed;
+(f) (e) under a stated memory budget (`--budget` MB; default a quarter of the
+    n x n grid) that the unchunked map exceeds: `chunk_size="auto"` picks the
+    largest chunk whose compiled temporaries fit it, and prints the chunk chosen
+    and the temporaries measured.
 
 All agree on the small grid and on a non-square, non-symmetric one (a transposed
 result would not match). For n = `--n` the program times (b)-(e) and reads the
@@ -111,6 +115,13 @@ def max_over_y(chunk: int | None) -> Callable[..., Any]:
     return eqpar.filter_vmap(row_max, in_axes=(0, None), chunk_size=chunk)
 
 
+def max_over_y_within(budget: int) -> Callable[..., Any]:
+    """(f) (e) with the chunk chosen from a memory budget in bytes."""
+    return eqpar.filter_vmap(
+        row_max, in_axes=(0, None), chunk_size="auto", memory_budget=budget
+    )
+
+
 def max_over_y_meshgrid(
     x: Float[Array, " nx"], y: Float[Array, " ny"]
 ) -> Float[Array, " nx"]:
@@ -163,6 +174,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--n", type=int, default=6000, help="grid size for timing/memory")
     p.add_argument("--loop-n", type=int, default=80, help="grid size for Python loops")
     p.add_argument("--chunk", type=int, default=500, help="rows per chunk")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="memory budget for (f) in MB (default: a quarter of the n x n grid)",
+    )
     args = p.parse_args(argv)
     devices = setup_devices(args.devices)
     n, loop_n, chunk = args.n, args.loop_n, args.chunk
@@ -296,6 +313,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{rows_chunk / max(min(chunk, n) * n * 4, 1):.1f} x chunk*n*4 bytes)"
     )
 
+    # (f) The reduction under a memory budget it does not fit unchunked ------------
+    budget = int(args.budget * 1e6) if args.budget else n * n * 4 // 4
+    within = max_over_y_within(budget)
+    chosen = eqpar.chosen_chunk_size(within, x, y)
+    auto_memory = compiled_memory(within, x, y)
+    m_auto, t_auto = timed(lambda: within(x, y))
+    print(
+        f"\n(f) memory budget {fmt_bytes(budget)}: unchunked (e) needs "
+        f"{fmt_bytes(rows_full)} of temporaries; chunk_size='auto' chose {chosen} "
+        f"rows per chunk: {fmt_bytes(auto_memory['temp'])} of temporaries (peak "
+        f"with arguments and output {fmt_bytes(auto_memory['peak'])}), "
+        f"{t_auto * 1e3:.1f} ms vs {t_max_full * 1e3:.1f} ms unchunked"
+    )
+    checks["(f) unchunked (e) exceeds the budget"] = rows_full > budget
+    checks["(f) chunk_size='auto' temps within the budget"] = (
+        auto_memory["temp"] <= budget
+    )
+    checks["(f) chunk_size='auto' == unchunked"] = rel_diff(m_auto, m_full) < 1e-6
+
     # PNG: the function on a coarse view of the grid, and the memory per method.
     png = _plot(out_dir(args.out), np.asarray(z_vmap), n, memory)
     if png:
@@ -307,6 +343,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "chunk": chunk,
         "agree": agree,
         "input_bytes": {"meshgrid": mesh_in, "flat": flat_in},
+        "auto": {
+            "budget": budget,
+            "chunk": chosen,
+            "memory": auto_memory,
+            "time": t_auto,
+        },
         "memory": memory,
         "times": {"(a) Python loops": loop_time, **times},
         "checks": checks,

@@ -83,6 +83,16 @@ def test_grid_memory_table(grid_results):
     assert set(results["times"]) == {"(a) Python loops", *memory}
 
 
+def test_grid_auto_chunk_fits_the_stated_budget(grid_results):
+    # (f): the reduction exceeds the budget unchunked and fits it with "auto".
+    results, _ = grid_results
+    auto, n = results["auto"], results["n"]
+    assert auto["budget"] == n * n * 4 // 4  # the default: a quarter of the grid
+    assert results["memory"]["(e) max_y, filter_vmap"]["temp"] > auto["budget"]
+    assert auto["memory"]["temp"] <= auto["budget"]
+    assert 1 <= auto["chunk"] < n
+
+
 def test_grid_check_catches_a_transpose(grid):
     # The non-symmetric grid of the self-check: numpy's default "xy" meshgrid gives
     # the transpose, which must not pass.
