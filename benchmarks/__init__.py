@@ -13,6 +13,7 @@ BENCHMARKS = (
     "dispatch_scale",
     "scaling",
     "memory",
+    "chunking",
     "retracing",
     "training",
 )
