@@ -11,6 +11,7 @@ runner (`__main__.py`) prints the markdown, appends it to `RESULTS.md` and draws
 BENCHMARKS = (
     "dispatch",
     "dispatch_scale",
+    "paths",
     "scaling",
     "memory",
     "chunking",

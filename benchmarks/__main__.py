@@ -1,13 +1,15 @@
 """`python -m benchmarks [names...] [--quick]`: the suite (or the named benchmarks),
-each against its baseline in the same process; the markdown report is printed and
-appended to benchmarks/RESULTS.md, and each benchmark's plot is saved next to it
-as benchmarks/<name>.png."""
+each against its baseline in the same process; the markdown report is printed, each
+benchmark's section of benchmarks/RESULTS.md is replaced by today's (one current
+section per benchmark: history lives in git, not in the file), and each benchmark's
+plot is saved next to it as benchmarks/<name>.png."""
 
 import argparse
 import datetime
 import gc
 import importlib
 import pathlib
+import re
 import sys
 import time
 import traceback
@@ -38,7 +40,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--devices", type=int, default=8, help="simulated CPU devices (default 8)"
     )
     parser.add_argument(
-        "--no-append", action="store_true", help="print only; leave RESULTS.md alone"
+        "--no-append",
+        "--no-write",
+        dest="no_append",
+        action="store_true",
+        help="print only; leave RESULTS.md alone",
     )
     parser.add_argument("--no-plots", action="store_true", help="draw no PNGs")
     args = parser.parse_args(argv)
@@ -123,10 +129,60 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n### Goals: {met} of {total} met")
     if not args.no_append:
         results_md = HERE / "RESULTS.md"
-        with results_md.open("a") as f:
-            f.write("\n" + report)
-        print(f"appended to {results_md}")
+        header = f"{machine()}\n\nCommand: `{command}` ({stamp}){quick}\n\n"
+        new = {name: header + text for name, text in zip(names, sections)}
+        old = results_md.read_text() if results_md.exists() else ""
+        results_md.write_text(update_results(old, new))
+        print(f"replaced the sections of {', '.join(names)} in {results_md}")
+    del report
     return 0 if all(r.title != "FAILED" for r in results) else 1
+
+
+INTRO = """# Benchmark results
+
+One current section per benchmark, replaced by each run of `nox -s bench` /
+`python -m benchmarks [names...]` (history is in git). Ratios are medians of
+per-round ratios, the contenders measured back to back in the same process; spreads
+are their min-max over rounds; counts and compiled-memory figures are exact.
+"""
+_SECTION = re.compile(r"<!-- bench:(\w+) -->\n(.*?)<!-- /bench:\1 -->\n?", re.S)
+_SUMMARY = re.compile(r"<!-- summary -->.*?<!-- /summary -->\n?", re.S)
+_GOAL_LINE = re.compile(r"^- .*?goal .*?: (met|\*\*NOT met\*\*)$", re.M)
+
+
+def update_results(old: str, new: dict[str, str]) -> str:
+    """RESULTS.md with the sections in `new` replaced (or added), the others and
+    the notes after them kept, and the goal summary recounted."""
+    sections = {m.group(1): m.group(2) for m in _SECTION.finditer(old)}
+    ends = [m.end() for m in _SECTION.finditer(old)]
+    notes = old[ends[-1] :] if ends else ""
+    sections.update(new)
+    order = [n for n in BENCHMARKS if n in sections]
+    order += [n for n in sections if n not in order]
+    met = total = 0
+    rows = []
+    for name in order:
+        verdicts = _GOAL_LINE.findall(sections[name])
+        m = sum(v == "met" for v in verdicts)
+        met, total = met + m, total + len(verdicts)
+        rows.append([f"[{name}](#{name})", f"{m} of {len(verdicts)}"])
+    summary = (
+        "<!-- summary -->\n## Goals: "
+        f"{met} of {total} met\n\n"
+        + table(["benchmark", "goals met"], rows, "lr")
+        + "\n<!-- /summary -->\n"
+    )
+    body = "".join(
+        f'<!-- bench:{n} -->\n<a id="{n}"></a>\n\n{_strip_anchor(sections[n])}'
+        f"<!-- /bench:{n} -->\n"
+        for n in order
+    )
+    return f"{INTRO}\n{summary}\n{body}{notes}"
+
+
+def _strip_anchor(text: str) -> str:
+    text = re.sub(r"^<a id=\"\w+\"></a>\n\n", "", text)
+    return text if text.endswith("\n") else text + "\n"
 
 
 if __name__ == "__main__":

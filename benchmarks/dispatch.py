@@ -126,8 +126,7 @@ def measure(
     compiled_jit = eqpar_jit._compiled  # noqa: SLF001 (a benchmark looks inside)
     fun_jit = eqpar_jit.__wrapped__
     eqpar_jit(model, x)
-    (plan,) = compiled_jit._plans.values()  # noqa: SLF001
-    (entry,) = plan.entries.values()
+    entry, _ = compiled_jit._lookup(fun_jit, (model, x), {})  # noqa: SLF001
     jitted = entry.jitted
 
     def floor() -> object:

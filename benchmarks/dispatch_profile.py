@@ -36,26 +36,38 @@ def pieces(leaves_count: int) -> dict[str, Callable[[], Any]]:
     wrapped(model, x)
     compiled = wrapped._compiled  # noqa: SLF001 (a profile looks inside)
     fun = wrapped.__wrapped__
-    (plan,) = compiled._plans.values()  # noqa: SLF001
-    (entry,) = plan.entries.values()
+    wrapped(model, x)  # the second call records the Module (flatten once),
+    wrapped(model, x)  # the third finds the compiled program by tokens
+    from eqpar import _dispatch
+
+    key, parts = _dispatch._fast_key(fun, (model, x), None)  # noqa: SLF001
+    fast = compiled._fast[key]  # noqa: SLF001
+    entry = fast.entry
+    arrays = fast.arrays(parts)
     leaves, tree = jtu.tree_flatten((fun, (model, x), {}))
     shape = (tree, tuple(map(type, leaves)))
-    arrays = plan.arrays(leaves)
-    key = (None, plan.statics(leaves))
+    plan = compiled._plans[shape]  # noqa: SLF001
     outs = entry.jitted(arrays)
     return {
         "raw jax.jit on the flat leaves": lambda: raw(flat, x),
         "eqpar.filter_jit call (all of it)": lambda: wrapped(model, x),
-        "part: flatten (fun, args, kwargs)": lambda: jtu.tree_flatten(
+        "fast: key (function, Module token, array type)": lambda: _dispatch._fast_key(  # noqa: SLF001
+            fun, (model, x), None
+        ),
+        "fast: lookup": lambda: compiled._fast.get(key),  # noqa: SLF001
+        "fast: array tuple (Module's recorded + x)": lambda: fast.arrays(parts),
+        "jax.jit call on the array tuple": lambda: entry.jitted(arrays),
+        "rebuild the output": lambda: entry.rebuild(outs, arrays),
+        "general (a new Module): flatten (fun, args, kwargs)": lambda: jtu.tree_flatten(
             (fun, (model, x), {})
         ),
-        "part: leaf types tuple": lambda: tuple(map(type, leaves)),
-        "part: plan lookup (structure, types)": lambda: compiled._plans[shape],  # noqa: SLF001
-        "part: pick arrays (itemgetter)": lambda: plan.arrays(leaves),
-        "part: pick statics (itemgetter)": lambda: plan.statics(leaves),
-        "part: entry lookup (context, statics)": lambda: plan.entries[key],
-        "part: jax.jit call on the array tuple": lambda: entry.jitted(arrays),
-        "part: rebuild the output": lambda: entry.rebuild(outs, arrays),
+        "general: leaf types + plan lookup": lambda: compiled._plans[  # noqa: SLF001
+            (tree, tuple(map(type, leaves)))
+        ],
+        "general: pick arrays and statics": lambda: (
+            plan.arrays(leaves),
+            plan.statics(leaves),
+        ),
     }
 
 

@@ -13,7 +13,8 @@ the times are the per-call cost of getting N arrays in and out. Contenders:
     leaves.
 
 Inputs are pre-placed where the raw baseline has them (replicated leaves, sharded
-batch). Goals: eqpar <= 1.2x raw at every size, and eqpar's growth
+batch). Goals: eqpar <= 1.2x raw at every size (1.15x for `filter_jit`, shown
+beside the floor: flatten + jit of the array list), and eqpar's growth
 time(1000) / time(10) no steeper than raw's.
 """
 
@@ -36,6 +37,7 @@ from ._common import Goal, interleaved, ratio_goal, ratios, Result, table
 
 SIZES = (10, 100, 1000)
 GOAL = 1.2
+GOALS = {"jit(vmap)": 1.15}  # issue 14: filter_jit(filter_vmap) <= 1.15x raw
 
 
 class Leaves(eqx.Module):
@@ -99,11 +101,23 @@ def contenders(n: int, devices: int) -> dict[str, dict[str, Callable[[], Any]]]:
     raw_sm = jax.jit(jax.shard_map(rebuilt(per_device), **specs))  # type: ignore
     eqpar_sm = eqpar.filter_shard_map(per_device, **specs)  # type: ignore
 
+    # The design's floor: flatten the call in Python, pick the arrays, jit the
+    # array tuple (eqpar's own compiled program). Flatten-once beats it.
+    eqpar_jit(model, x)
+    fun = eqpar_jit.__wrapped__
+    entry, _ = eqpar_jit._compiled._lookup(fun, (model, x), {})  # noqa: SLF001
+    jitted = entry.jitted
+
+    def floor() -> Any:
+        flat = jtu.tree_leaves((fun, (model, x), {}))
+        return jitted(tuple(leaf for leaf in flat if eqx.is_array(leaf)))
+
     groups: dict[str, dict[str, Callable[[], Any]]] = {
         "jit(vmap)": {
             "jax.jit(leaves)": lambda: raw_jit(leaves, x),
             "eqpar.filter_jit(filter_vmap)": lambda: eqpar_jit(model, x),
             "eqx.filter_jit(filter_vmap)": lambda: eqx_jit(model, x),
+            "floor: flatten + jit(array list)": floor,
         },
         "pmap": {
             "jax.pmap(leaves)": lambda: raw_pmap(leaves_p, xp),
@@ -179,7 +193,7 @@ def run(quick: bool = False) -> Result:
                     f"{group}, {n} leaves: {ours} / {raw}",
                     by_name[ours][n],
                     by_name[raw][n],
-                    at_most=GOAL,
+                    at_most=GOALS.get(group, GOAL),
                 )
             )
         ratio_row += ["", ""]

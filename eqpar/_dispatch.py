@@ -660,7 +660,9 @@ class _Fast:
                 ):
                     view = p.view(key, targets[start:stop])
                 pieces.extend(view.arrays)
-            elif type(p) is ArrayImpl and p.sharding == targets[start]:
+            elif type(p) is ArrayImpl and _placement_cache.equivalent(
+                p.sharding, targets[start], p.ndim
+            ):
                 pieces.append(p)
             else:
                 pieces.extend(
@@ -1018,6 +1020,13 @@ def shared(kind: str, options: Any, make: Callable[[], Any]) -> Any:
     and shared by every wrapper with equal options: a fresh wrapper per call reuses
     the compiled programs. Options that cannot be hashed get a caller of their own.
     """
+    if type(options) is str:  # filter_jit's `donate`: no flatten needed
+        try:
+            return _SHARED[(kind, options)]
+        except KeyError:
+            caller = make()
+            _bounded_put(_SHARED, (kind, options), caller, MAX_SHARED)
+            return caller
     key = _options_key(kind, options)
     if key is None:
         return make()

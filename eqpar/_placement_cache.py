@@ -245,6 +245,26 @@ def _insert(x: Any, target: Any, placed: Any) -> _Copy | None:
     return copy if copy.key in _lru else None
 
 
+EQUIVALENT_MEMO: dict[tuple[Any, Any, int], bool] = {}
+
+
+def equivalent(sharding: Any, target: Any, ndim: int) -> bool:
+    """Whether an array with `sharding` is already where `target` puts it (e.g.
+    `P(None, None)` and `P()`): the compiled program takes it as it is."""
+    if sharding == target:
+        return True
+    key = (sharding, target, ndim)
+    try:
+        return EQUIVALENT_MEMO[key]
+    except KeyError:
+        pass
+    answer = sharding.is_equivalent_to(target, ndim)
+    if len(EQUIVALENT_MEMO) >= 1024:
+        EQUIVALENT_MEMO.clear()
+    EQUIVALENT_MEMO[key] = answer
+    return answer
+
+
 def place(
     arrays: Sequence[Any], targets: Sequence[Any], cache: bool
 ) -> tuple[tuple[Any, ...], list[tuple[Any, _Copy]], bool]:
@@ -262,7 +282,7 @@ def place(
     cache = cache and _stats["max_bytes"] > 0
     for i, (x, target) in enumerate(zip(arrays, targets)):
         if type(x) is ArrayImpl:
-            if x.sharding == target or x.is_deleted():
+            if x.is_deleted() or equivalent(x.sharding, target, x.ndim):
                 continue
             if cache:
                 hit = _lookup(x, target)

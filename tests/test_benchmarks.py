@@ -42,4 +42,23 @@ def test_suite_runs_quick():
 
 def test_dispatch_profile_runs():
     out = run("benchmarks.dispatch_profile", "--leaves", "10", "--calls", "200")
-    assert "| part: flatten (fun, args, kwargs) |" in out
+    assert "| fast: lookup |" in out
+
+
+def test_results_keep_one_current_section_per_benchmark():
+    from benchmarks.__main__ import update_results
+
+    first = update_results("", {"paths": "old paths\n- a: **1x**; goal <= 2x: met\n"})
+    first += "\n## Notes\n\nkept\n"
+    second = update_results(
+        first,
+        {
+            "paths": "new paths\n- a: **3x**; goal <= 2x: **NOT met**\n",
+            "dispatch": "dispatch\n- b: **1x**; goal <= 2x: met\n",
+        },
+    )
+    assert "old paths" not in second and second.count("new paths") == 1
+    assert second.index("<!-- bench:dispatch -->") < second.index("<!-- bench:paths")
+    assert second.endswith("\n## Notes\n\nkept\n")
+    assert "## Goals: 1 of 2 met" in second
+    assert update_results(second, {}) == second
