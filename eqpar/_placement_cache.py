@@ -299,7 +299,9 @@ def place(
         for i, placed in zip(todo, moved):
             out[i] = placed
             x = arrays[i]
-            if cache and type(x) is ArrayImpl:
+            # Under an outer trace `device_put` of a concrete array is staged and
+            # gives a tracer: that is no copy to remember.
+            if cache and type(x) is ArrayImpl and type(placed) is ArrayImpl:
                 _stats["misses"] += 1
                 copy = _insert(x, targets[i], placed)
                 if copy is not None:

@@ -289,3 +289,17 @@ def test_placed_inputs_are_passed_as_they_are():
             f(placed, x), jax.vmap(model)(x), rtol=1e-6, atol=1e-6
         )
     assert eqpar.placement_cache().copies == 0
+
+
+def test_a_concrete_input_placed_under_an_outer_trace_is_not_cached():
+    """A concrete array closed over by a jitted function reaches the dispatcher as
+    itself, but placing it there is staged (a tracer): nothing is remembered, and
+    the result is right inside and outside the trace."""
+    mesh = eqpar.data_mesh()
+    f = eqpar.Parallel(lambda w, x: w * x, in_axes=(None, 0), mesh=mesh)
+    x = jnp.arange(16.0)
+    loss = lambda w: f(w, x).sum()  # noqa: E731
+    with jax.set_mesh(mesh):  # eager: x is placed and its copy remembered
+        assert jax.grad(loss)(jnp.float32(2.0)) == x.sum()
+    assert jax.jit(jax.grad(loss))(jnp.float32(2.0)) == x.sum()
+    assert jnp.array_equal(f(jnp.float32(2.0), x), 2.0 * x)
