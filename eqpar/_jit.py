@@ -10,7 +10,6 @@ import functools as ft
 from collections.abc import Callable
 from typing import Any, overload
 
-from ._errors import Checked
 from ._dispatch import (
     check_donate,
     Compiled,
@@ -19,6 +18,7 @@ from ._dispatch import (
     shared,
     transformed,
 )
+from ._errors import Checked
 
 
 def _jit_run(fun: Any, args: tuple, kwargs: dict, context: None) -> tuple[Any, None]:
