@@ -16,8 +16,8 @@ For each, the unchunked map's compiled temporaries `T` (XLA's
 the chunk "auto" picks and the temporaries of the program it runs (compiled on its
 own): the goal is <= B for every budget that one example fits (below
 that, auto warns and maps one at a time; the table says so). Throughput: at
-B = 10% of T, "auto" against every hand-picked chunk size (powers of two) whose program fits B, timed
-interleaved; the goal is within 10% of the fastest.
+B = 10% of T, "auto" against every hand-picked chunk size (powers of two) whose
+program fits B, timed interleaved; the goal is within 10% of the fastest.
 
 Microbatched training: an MLP 64 -> 512 -> 512 -> 1, mean squared error, on all
 devices (`filter_shard_map`), `filter_value_and_grad_mean(microbatch=k)` for k from
