@@ -460,6 +460,65 @@ def _pyplot() -> Any:
     return plt
 
 
+def draw_psf(focus: Any, section: Any, psf: Any, zs: Any, spacing: float) -> None:
+    """Draws the PSF in focus, zoomed on its centre (pixel centres at multiples of
+    `spacing`), on the axes `focus`, and along z through its centre (the light cone
+    around the focus) on `section`; log scale, three decades below the peak."""
+    from matplotlib.colors import LogNorm
+
+    size = psf.shape[-1]
+    c = size // 2
+    log = LogNorm(vmin=1e-3 * float(psf.max()), vmax=float(psf.max()), clip=True)
+    r = max(size // 16, 4)
+    mid = len(zs) // 2
+    lo, hi = -(r + 0.5) * spacing, (r - 0.5) * spacing
+    focus.imshow(
+        psf[mid, c - r : c + r, c - r : c + r],
+        cmap="magma",
+        norm=log,
+        extent=(lo, hi, hi, lo),
+    )
+    focus.set_title(f"PSF at z = {zs[mid]:.2f} µm (log)")
+    r = max(size // 8, 4)
+    lo, hi = -(r + 0.5) * spacing, (r - 0.5) * spacing
+    section.imshow(
+        psf[:, c, c - r : c + r],
+        cmap="magma",
+        norm=log,
+        extent=(lo, hi, zs[0], zs[-1]),
+        origin="lower",
+        aspect="auto",
+    )
+    section.set_title("PSF x-z section (log)")
+    section.set_ylabel("depth z (µm)")
+
+
+def draw_image(ax: Any, img: Any, beads: Any, zs: Any, spacing: float) -> None:
+    """Draws the image on the sensor (every plane blurred by its PSF, summed), each
+    bead labelled with its depth."""
+    from matplotlib.colors import PowerNorm
+
+    size = img.shape[-1]
+    field = size * spacing
+    ax.imshow(
+        img,
+        cmap="gray",
+        norm=PowerNorm(0.4, vmin=0.0, vmax=float(img.max())),
+        extent=(0, field, field, 0),
+    )
+    for row, col, plane in beads:
+        ax.annotate(
+            f"{zs[plane]:+.1f}",
+            (col * spacing, row * spacing),
+            xytext=(0, -0.3 * size / len(beads) ** 0.5),
+            textcoords="offset points",
+            ha="center",
+            va="top",
+            color="tab:cyan",
+            fontsize=7,
+        )
+
+
 def _plot_microscope(
     out_dir: pathlib.Path,
     psf: np.ndarray,
@@ -475,10 +534,7 @@ def _plot_microscope(
     plt = _pyplot()
     if plt is None:
         return None
-    from matplotlib.colors import LogNorm, PowerNorm
-
     size = img.shape[-1]
-    c = size // 2
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.6), layout="constrained")
     # The object: each bead where it lies, coloured by its depth.
     field = size * spacing
@@ -496,50 +552,8 @@ def _plot_microscope(
     ax.set(xlim=(0, field), ylim=(field, 0), aspect="equal")
     ax.set_title(f"object: {len(beads)} point beads")
     fig.colorbar(dots, ax=ax, fraction=0.046, pad=0.04, label="depth z (µm)")
-    # The PSF in focus, zoomed on its centre (pixel centres at multiples of the
-    # spacing), and along z through its centre: the light cone around the focus.
-    # Log scale: three decades below the peak.
-    log = LogNorm(vmin=1e-3 * float(psf.max()), vmax=float(psf.max()), clip=True)
-    r = max(size // 16, 4)
-    mid = len(zs) // 2
-    lo, hi = -(r + 0.5) * spacing, (r - 0.5) * spacing
-    axes[1].imshow(
-        psf[mid, c - r : c + r, c - r : c + r],
-        cmap="magma",
-        norm=log,
-        extent=(lo, hi, hi, lo),
-    )
-    axes[1].set_title(f"PSF at z = {zs[mid]:.2f} µm (log)")
-    r = max(size // 8, 4)
-    lo, hi = -(r + 0.5) * spacing, (r - 0.5) * spacing
-    axes[2].imshow(
-        psf[:, c, c - r : c + r],
-        cmap="magma",
-        norm=log,
-        extent=(lo, hi, zs[0], zs[-1]),
-        origin="lower",
-        aspect="auto",
-    )
-    axes[2].set_title("PSF x-z section (log)")
-    axes[2].set_ylabel("depth z (µm)")
-    # The image: every plane blurred by its PSF, summed by the sensor.
-    axes[3].imshow(
-        img,
-        cmap="gray",
-        norm=PowerNorm(0.4, vmin=0.0, vmax=float(img.max())),
-        extent=(0, field, field, 0),
-    )
-    for row, col, plane in beads:
-        axes[3].annotate(
-            f"{zs[plane]:+.1f}",
-            (col * spacing, row * spacing),
-            xytext=(0, -0.3 * size / len(beads) ** 0.5),
-            textcoords="offset points",
-            ha="center",
-            va="top",
-            color="tab:cyan",
-            fontsize=7,
-        )
+    draw_psf(axes[1], axes[2], psf, zs, spacing)
+    draw_image(axes[3], img, beads, zs, spacing)
     axes[3].set_title(
         f"image on {n} devices (sensor_sum)\nrel. diff vs 1 device {diff:.1e}"
     )

@@ -208,55 +208,17 @@ def _plot(
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.colors import LogNorm, PowerNorm
     except ImportError:
         print("(matplotlib not installed: no PNG)")
         return None
     import numpy as np
 
+    from eqpar.demo import draw_image, draw_psf
+
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.6), layout="constrained")
-    size = img.shape[-1]
-    c = size // 2
-    log = LogNorm(vmin=1e-3 * float(psf.max()), vmax=float(psf.max()), clip=True)
-    r = max(size // 16, 4)  # zoom on the focus; pixel centres at multiples of spacing
-    lo, hi = -(r + 0.5) * spacing, (r - 0.5) * spacing
-    mid = len(z_psf) // 2
-    axes[0].imshow(
-        psf[mid, c - r : c + r, c - r : c + r],
-        cmap="magma",
-        norm=log,
-        extent=(lo, hi, hi, lo),
-    )
-    axes[0].set(title=f"PSF at z = {z_psf[mid]:.2f} µm (log)", ylabel="y (µm)")
-    r = max(size // 8, 4)
-    lo, hi = -(r + 0.5) * spacing, (r - 0.5) * spacing
-    axes[1].imshow(
-        psf[:, c, c - r : c + r],
-        cmap="magma",
-        norm=log,
-        extent=(lo, hi, z_psf[0], z_psf[-1]),
-        origin="lower",
-        aspect="auto",
-    )
-    axes[1].set(title="PSF x-z section (log)", ylabel="depth z (µm)")
-    field = size * spacing
-    axes[2].imshow(
-        img,
-        cmap="gray",
-        norm=PowerNorm(0.4, vmin=0.0, vmax=float(img.max())),
-        extent=(0, field, field, 0),
-    )
-    for row, col, plane in beads:
-        axes[2].annotate(
-            f"{zs[plane]:+.1f}",
-            (col * spacing, row * spacing),
-            xytext=(0, -0.3 * size / len(beads) ** 0.5),
-            textcoords="offset points",
-            ha="center",
-            va="top",
-            color="tab:cyan",
-            fontsize=7,
-        )
+    draw_psf(axes[0], axes[1], psf, z_psf, spacing)
+    axes[0].set_ylabel("y (µm)")
+    draw_image(axes[2], img, beads, zs, spacing)
     axes[2].set(title="image of beads (sensor_sum over devices)", ylabel="y (µm)")
     for ax in axes[:3]:
         ax.set_xlabel("x (µm)")
