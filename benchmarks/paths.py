@@ -31,7 +31,15 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import eqpar
 
-from ._common import Goal, interleaved, ratio_goal, Result, table, time_rows
+from ._common import (
+    blocking,
+    Goal,
+    interleaved,
+    ratio_goal,
+    Result,
+    table,
+    time_rows,
+)
 
 
 BATCH = 64
@@ -301,15 +309,22 @@ def _training(devices: int) -> dict[str, Callable[[], Any]]:
         return state["raw"]
 
     # Same first step as the raw one before timing anything.
-    first = ours(model, x, y)
-    want = raw(state["raw"], x, y)
+    # One program with collectives in flight at a time: two different ones at once
+    # can deadlock the CPU backend's simulated devices on a small machine.
+    first = jax.block_until_ready(ours(model, x, y))
+    want = jax.block_until_ready(raw(state["raw"], x, y))
     for a, b in zip(
         jax.tree.leaves(eqx.filter(first, eqx.is_array)), jax.tree.leaves(want)
     ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # Each step waits for its result (as a loop that logs the loss does): several
+    # launches of a program with collectives in flight at once can starve the CPU
+    # backend's simulated devices of threads on a small machine.
     return {
-        "jax.jit(jax.shard_map) + pmean, params fed back": run_raw,
-        "eqpar.Parallel + grad_mean, model fed back (started unplaced)": run_ours,
+        "jax.jit(jax.shard_map) + pmean, params fed back": blocking(run_raw),
+        "eqpar.Parallel + grad_mean, model fed back (started unplaced)": blocking(
+            run_ours
+        ),
     }
 
 
@@ -321,6 +336,7 @@ def run(quick: bool = False) -> Result:
     parts: list[str] = []
 
     def measure(title: str, fns: dict[str, Callable[[], Any]], n: int) -> None:
+        print(f"  {title}", flush=True)
         timed[title] = interleaved(
             fns,
             calls=n,

@@ -229,8 +229,11 @@ def run(quick: bool = False) -> Result:
     x = jnp.ones((2 * devices, 4))
     c0 = _COMPILES["count"]
     for _ in range(calls):
-        m = loop(m, x)
-    jax.block_until_ready(m)
+        # Waited for each step: many launches of a program with collectives in
+        # flight at once can deadlock the CPU backend's simulated devices on a
+        # small machine (unplaced inputs used to throttle this loop by a transfer
+        # per call; they are now placed once).
+        m = jax.block_until_ready(loop(m, x))
     rows.append(
         [
             "eqpar.filter_shard_map",
