@@ -36,6 +36,7 @@ from ._shard_map import (
     check_shard_map_options,
     match_explicit,
     trace_shard_map,
+    transformed_call,
 )
 from ._specs import check_int_axes, is_array, leaf_names, resolve_call_specs
 from ._vmap import AxisSpec
@@ -449,6 +450,6 @@ class Parallel(eqx.Module):
         return self._call._fun
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
-        if self._explicit_mesh is not None:
+        if self._explicit_mesh is not None and transformed_call():
             check_eager_autodiff(self._explicit_mesh, (args, kwargs), "Parallel")
         return self._call(*args, **kwargs)
