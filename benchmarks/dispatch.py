@@ -151,8 +151,11 @@ def measure(
         },
     }
     goals = {
-        "eqpar.filter_jit(filter_vmap)": [("jax.jit(pure)", 1.15)],
-        "floor: flatten + jit(array list)": [("jax.jit(pure)", 1.15)],
+        # The floor is a reference line, not eqpar's code: the goal is to beat it.
+        "eqpar.filter_jit(filter_vmap)": [
+            ("jax.jit(pure)", 1.15),
+            ("floor: flatten + jit(array list)", 1.0),
+        ],
         "eqpar.filter_pmap": [("jax.pmap", 1.15), ("eqx.filter_pmap", 0.6)],
         "eqpar.filter_shard_map": [("jax.jit(jax.shard_map)", 1.15)],
     }

@@ -429,10 +429,11 @@ class _Token:
 class _View:
     """A recorded Module's arrays as one compiled program wants them placed."""
 
-    __slots__ = ("arrays", "sources")
+    __slots__ = ("arrays", "sources", "copies")
 
-    def __init__(self, arrays: tuple[Any, ...], sources: tuple[Any, ...]):
+    def __init__(self, arrays: tuple[Any, ...], sources: tuple[Any, ...], copies: bool):
         self.arrays = arrays
+        self.copies = copies  # whether any of `arrays` is a placed copy
         # The source arrays whose cached copies this view holds: checked on every
         # use, so that a source deleted or donated since is never stood in for.
         self.sources = sources
@@ -479,8 +480,8 @@ class _Record:
 
     def view(self, key: Hashable, targets: Sequence[Any]) -> _View:
         placed, used, moved = _placement_cache.place(self.arrays, targets, cache=True)
-        view = _View(placed, tuple(source for source, _ in used))
         copies = sum(a is not b for a, b in zip(placed, self.arrays))
+        view = _View(placed, tuple(source for source, _ in used), copies > 0)
         if copies == len(used):  # every copy is in the cache: the view may stay
             if len(self.views) >= MAX_VIEWS:
                 del self.views[next(iter(self.views))]
@@ -605,9 +606,29 @@ def _note_call(fun: Any, args: tuple) -> None:
 
 class _Fast:
     """A fast-path hit: the compiled entry for a call by tokens, and where each
-    part's arrays go."""
+    part's arrays go.
 
-    __slots__ = ("entry", "is_rec", "bounds", "targets", "arrays")
+    For a program that runs on a mesh, a call goes through `placed` (views of the
+    recorded Modules, the placement cache for array arguments) until `SETTLE`
+    calls in a row with the same recorded Modules found everything already where
+    the program wants it. From then on it is *settled*: those Modules' arrays and
+    the array arguments go to the compiled program as they are (for an array
+    placed elsewhere the executable raises, and the call goes the long way; an
+    uncommitted one it moves itself, as `jax.jit` does), and every `CHECK_EVERY`
+    calls `placed` looks again. A settled view holds no copies, so there is no
+    cached copy whose source could have been donated or deleted since."""
+
+    __slots__ = (
+        "entry",
+        "is_rec",
+        "bounds",
+        "targets",
+        "arrays",
+        "records",
+        "settled",
+        "clean",
+        "countdown",
+    )
 
     def __init__(self, entry: _Entry, parts: list[Any]):
         self.entry = entry
@@ -620,6 +641,10 @@ class _Fast:
         self.bounds = bounds
         self.targets: dict[tuple, list[Any]] = {}
         self.arrays = _CONCAT.get(self.is_rec, self._arrays)
+        self.records = _getter([n for n, r in enumerate(self.is_rec) if r])
+        self.settled: tuple[Any, ...] | None = None  # the records it settled with
+        self.clean = 0
+        self.countdown = CHECK_EVERY
 
     def _arrays(self, parts: list[Any]) -> tuple[Any, ...]:
         out: tuple[Any, ...] = ()
@@ -629,9 +654,22 @@ class _Fast:
 
     def __call__(self, parts: list[Any]) -> Any:
         entry = self.entry
-        if entry.checking and not entry.donating:
+        if entry.donating or not entry.checking:
+            return entry(self.arrays(parts))
+        settled = self.settled
+        if settled is None or self.records(parts) != settled:
             return self.placed(parts)
-        return entry(self.arrays(parts))
+        self.countdown -= 1
+        if self.countdown <= 0:  # look again now and then: one call settles again
+            self.settled, self.clean = None, SETTLE - 1
+            return self.placed(parts)
+        arrays = self.arrays(parts)
+        try:
+            out_arrays = entry.call(arrays)
+        except Exception:  # e.g. an argument placed elsewhere: the long way
+            self.settled, self.clean = None, 0
+            return self.placed(parts)
+        return entry.rebuild(out_arrays, arrays)
 
     def placed(self, parts: list[Any]) -> Any:
         """The call of a program that runs on a mesh: a recorded Module's arrays
@@ -652,6 +690,7 @@ class _Fast:
             self.targets[shapes] = targets
         pieces: list[Any] = []
         key = (entry.serial, shapes)
+        moved = False
         for p, r, (start, stop) in zip(parts, self.is_rec, self.bounds):
             if r:
                 view = p.views.get(key)
@@ -660,6 +699,7 @@ class _Fast:
                 ):
                     view = p.view(key, targets[start:stop])
                 pieces.extend(view.arrays)
+                moved = moved or view.copies
             elif type(p) is ArrayImpl and _placement_cache.equivalent(
                 p.sharding, targets[start], p.ndim
             ):
@@ -668,6 +708,7 @@ class _Fast:
                 pieces.extend(
                     _placement_cache.place((p,), targets[start:stop], cache=True)[0]
                 )
+                moved = True
         arrays = tuple(pieces)
         try:
             out_arrays = entry.call(arrays)
@@ -676,7 +717,14 @@ class _Fast:
             for p, r in zip(parts, self.is_rec):
                 if r:
                     p.views.pop(key, None)
+            self.clean = 0
             return entry(self.arrays(parts))
+        if moved:
+            self.clean = 0
+        else:
+            self.clean += 1
+            if self.clean >= SETTLE:
+                self.settled, self.countdown = self.records(parts), CHECK_EVERY
         return entry.rebuild(out_arrays, arrays)
 
 
@@ -739,6 +787,9 @@ class Compiled:
 
     `run(fun, args, kwargs, context)` is the backend; `context` is a hashable value
     computed per call by `context_fn` (e.g. the mesh) that is part of the key.
+    `check(args, kwargs)`, if given, runs before every call that is not found by
+    the fast path (which takes only concrete arrays and recorded Modules, so a call
+    with tracers among its arguments always gets it).
     """
 
     def __init__(
@@ -747,9 +798,11 @@ class Compiled:
         *,
         context_fn: Callable[[], Hashable] | None = None,
         donate: Donate = "none",
+        check: Callable[[tuple, dict], None] | None = None,
     ):
         self._run = run
         self._context_fn = context_fn
+        self._check = check
         self._donate = check_donate(donate)
         # (tree structure, leaf types) -> plan; types too, because 1, 1.0 and True
         # are equal and hash alike but trace differently.
@@ -780,6 +833,8 @@ class Compiled:
                     return entry(arrays)  # the long way, which can recover
                 return entry.rebuild(out_arrays, arrays)
             _note_call(fun, args)
+        if self._check is not None:
+            self._check(args, kwargs)
         entry, arrays = self._lookup(fun, args, kwargs)
         return entry(arrays)
 

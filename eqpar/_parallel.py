@@ -32,11 +32,10 @@ from ._errors import AxisSizeError, Checked, EqparWarning, MeshError, SpecError
 from ._placement import STACK_REDUCTIONS
 from ._shard_map import (
     check_context_mesh,
-    check_eager_autodiff,
     check_shard_map_options,
+    eager_autodiff_check,
     match_explicit,
     trace_shard_map,
-    transformed_call,
 )
 from ._specs import check_int_axes, is_array, leaf_names, resolve_call_specs
 from ._vmap import AxisSpec
@@ -377,7 +376,6 @@ class Parallel(eqx.Module):
     _call: Transformed
     reduce: ParallelReduce = eqx.field(static=True)
     axis_name: Hashable = eqx.field(static=True)
-    _explicit_mesh: Mesh | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -436,20 +434,19 @@ class Parallel(eqx.Module):
                 def context() -> Mesh:
                     return fixed
 
-            return Compiled(run, context_fn=context, donate=donate)
+            check = None
+            if mesh is not None and AxisType.Explicit in mesh.axis_types:
+                check = eager_autodiff_check(mesh, "Parallel")
+            return Compiled(run, context_fn=context, donate=donate, check=check)
 
         options = (reduce, axis_name, in_axes, mesh, check_vma, donate)
         self._call = transformed(fun, shared("parallel", options, make))
         self.reduce = reduce
         self.axis_name = axis_name
-        explicit = mesh is not None and AxisType.Explicit in mesh.axis_types
-        self._explicit_mesh = mesh if explicit else None
 
     @property
     def __wrapped__(self) -> Callable[..., Any]:
         return self._call._fun
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
-        if self._explicit_mesh is not None and transformed_call():
-            check_eager_autodiff(self._explicit_mesh, (args, kwargs), "Parallel")
         return self._call(*args, **kwargs)

@@ -335,21 +335,19 @@ def _same_spec(a: P, b: P, ndim: int) -> bool:
     return pad(a) == pad(b)
 
 
-class _ExplicitMeshCompiled(Compiled):
-    """On a fixed mesh with Explicit axes, eager autodiff gets eqpar's error (with
-    the way out) before JAX's own, which comes too late to say anything useful."""
+def eager_autodiff_check(mesh: AnyMesh, who: str) -> Callable[[tuple, dict], None]:
+    """`Compiled`'s pre-call check on a fixed mesh with Explicit axes: eager
+    autodiff gets eqpar's error (with the way out) before JAX's own, which comes
+    too late to say anything useful."""
 
-    def __init__(self, mesh: Mesh, run: Any, *, donate: Donate):
-        super().__init__(run, context_fn=_fixed_mesh(mesh), donate=donate)
-        self._mesh = mesh
-
-    def __call__(self, fun: Any, args: tuple, kwargs: dict) -> Any:
+    def check(args: tuple, kwargs: dict) -> None:
         # Only under a transformation (e.g. `jax.grad`) is there anything to check:
         # at the top level the trace state is the eval state, a 1 us comparison
-        # instead of a walk over every leaf on every call.
+        # instead of a walk over every leaf.
         if transformed_call():
-            check_eager_autodiff(self._mesh, (args, kwargs), "filter_shard_map")
-        return super().__call__(fun, args, kwargs)
+            check_eager_autodiff(mesh, (args, kwargs), who)  # type: ignore[arg-type]
+
+    return check
 
 
 _TOP_LEVEL = get_opaque_trace_state()
@@ -474,9 +472,10 @@ def filter_shard_map(
         run = ft.partial(_shard_map_run, in_specs, out_specs, names, check_vma)
         if mesh is None:
             return Compiled(run, context_fn=_context_mesh, donate=donate)
+        check = None
         if isinstance(mesh, Mesh) and AxisType.Explicit in mesh.axis_types:
-            return _ExplicitMeshCompiled(mesh, run, donate=donate)
-        return Compiled(run, context_fn=_fixed_mesh(mesh), donate=donate)
+            check = eager_autodiff_check(mesh, "filter_shard_map")
+        return Compiled(run, context_fn=_fixed_mesh(mesh), donate=donate, check=check)
 
     caller = shared("shard_map", options, make)
     return decorator_or_call(fun, lambda f: transformed(f, caller), "filter_shard_map")

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import eqpar
-from eqpar import _placement_cache
+from eqpar import _dispatch, _placement_cache
 
 from .helpers import TraceCounter
 
@@ -303,3 +303,66 @@ def test_a_concrete_input_placed_under_an_outer_trace_is_not_cached():
         assert jax.grad(loss)(jnp.float32(2.0)) == x.sum()
     assert jax.jit(jax.grad(loss))(jnp.float32(2.0)) == x.sum()
     assert jnp.array_equal(f(jnp.float32(2.0), x), 2.0 * x)
+
+
+def _settled(f):
+    return [fast for fast in f._compiled._fast.values() if fast.settled is not None]
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_settled_calls_stay_right_whatever_comes_next(axis_type):
+    """Once every input is found where the program wants it for `SETTLE` calls, the
+    fast path hands them over unchecked. Whatever arrives next (an array placed
+    elsewhere, a NumPy array, a fresh unplaced Module, a deleted leaf, other
+    shapes) still gives the single-device result, or JAX's own error."""
+    mesh = jax.sharding.Mesh(
+        np.array(jax.devices()), ("data",), axis_types=(axis_type,)
+    )
+    model = _model()
+    x = jax.random.normal(jax.random.key(1), (16, 4))
+    params, static = eqx.partition(model, eqx.is_array)
+    placed = eqx.combine(jax.device_put(params, NamedSharding(mesh, P())), static)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    f = _shard_map(mesh)
+    ref = jax.vmap(model)(x)
+    for _ in range(_dispatch.SETTLE + 5):  # 3 calls to record, then settle
+        np.testing.assert_allclose(f(placed, xs), ref, rtol=1e-6, atol=1e-6)
+    assert _settled(f), "the calls above should have settled"
+
+    on_one = jax.device_put(x, jax.devices()[3])  # committed elsewhere
+    np.testing.assert_allclose(f(placed, on_one), ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(f(placed, np.asarray(x)), ref, rtol=1e-6, atol=1e-6)
+    fresh = _model(seed=5)  # same structure, unplaced
+    np.testing.assert_allclose(f(fresh, xs), jax.vmap(fresh)(x), rtol=1e-6, atol=1e-6)
+    x32 = jax.random.normal(jax.random.key(2), (32, 4))
+    np.testing.assert_allclose(
+        f(placed, x32), jax.vmap(model)(x32), rtol=1e-6, atol=1e-6
+    )
+    for _ in range(_dispatch.SETTLE + 5):  # 3 calls to record, then settle
+        np.testing.assert_allclose(f(placed, xs), ref, rtol=1e-6, atol=1e-6)
+    assert _settled(f)
+    placed.layers[0].weight.delete()
+    with pytest.raises(RuntimeError, match="deleted"):
+        f(placed, xs)
+
+
+def test_settled_calls_look_again_and_place_a_repeated_unplaced_array():
+    """A settled program still looks at its inputs every `CHECK_EVERY` calls: an
+    unplaced array passed again and again is then placed once and its copy
+    reused."""
+    mesh = _mesh()
+    model = _model()
+    params, static = eqx.partition(model, eqx.is_array)
+    placed = eqx.combine(jax.device_put(params, NamedSharding(mesh, P())), static)
+    xs = jax.device_put(
+        jax.random.normal(jax.random.key(1), (16, 4)), NamedSharding(mesh, P("data"))
+    )
+    f = _shard_map(mesh)
+    for _ in range(_dispatch.SETTLE + 5):  # 3 calls to record, then settle
+        f(placed, xs)
+    assert _settled(f)
+    x = jax.random.normal(jax.random.key(2), (16, 4))  # on one device
+    for _ in range(_dispatch.CHECK_EVERY + 1):
+        out = f(placed, x)
+    np.testing.assert_allclose(out, jax.vmap(model)(x), rtol=1e-6, atol=1e-6)
+    assert _copies_of(x), "the repeated unplaced array should have been placed once"
