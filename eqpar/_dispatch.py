@@ -141,6 +141,7 @@ class _Entry:
         "clean",
         "tried",
         "aot",
+        "outputs",
     )
 
     def __init__(self) -> None:
@@ -166,6 +167,9 @@ class _Entry:
         self.by_avals: dict[tuple, tuple[Any, tuple, bool]] | None = None
         self.placements: dict[tuple, list[Any]] = {}
         self.refs: list[Any] = []  # weak references whose death drops this entry
+        # The Modules among the outputs (see `_output_modules`), recorded as they
+        # are built: a model fed back as the next call's input is not flattened.
+        self.outputs: list[tuple] | None = None
 
     def record(
         self, treedef: Any, signature: list[Any], arrays: Sequence[Any], shardings: Any
@@ -308,12 +312,26 @@ class _Entry:
         )
 
     def rebuild(self, out_arrays: list[Any], in_arrays: Sequence[Any]) -> Any:
-        out = self.out if self.by_avals is None else self.by_avals[_avals(in_arrays)]
+        if self.by_avals is None:
+            out = self.out
+        else:  # outputs that depend on shapes: not recorded
+            out, self.outputs = self.by_avals[_avals(in_arrays)], []
         assert out is not None
         treedef, signature, all_dynamic = out
         if all_dynamic:
-            return jtu.tree_unflatten(treedef, out_arrays)
-        return jtu.tree_unflatten(treedef, merge_leaves(signature, out_arrays))
+            result = jtu.tree_unflatten(treedef, out_arrays)
+        else:
+            result = jtu.tree_unflatten(treedef, merge_leaves(signature, out_arrays))
+        outputs = self.outputs
+        if outputs is None:
+            outputs = self.outputs = _output_modules(result, out_arrays)
+            if outputs is None:
+                return result
+        for pos, start, stop, token in outputs:
+            if type(out_arrays[start]) is ArrayImpl:  # not under an outer trace
+                rec = _new_record(result if pos is None else result[pos])
+                rec.token, rec.arrays = token, tuple(out_arrays[start:stop])
+        return result
 
     def place(self, arrays: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """Inputs moved to where the compiled program wants them, or `None` when
@@ -456,27 +474,9 @@ class _Record:
 
     def fill(self, obj: Any) -> None:
         self.token = False
-        leaves, treedef = _flatten(obj)
-        if not _immutable(treedef):
-            return
-        arrays, statics = [], []
-        for leaf in leaves:
-            if is_array(leaf):
-                if isinstance(leaf, jax.core.Tracer):
-                    return  # inside a trace: nothing worth keeping
-                arrays.append(leaf)
-            else:  # functions by identity and not held, as in `Compiled._lookup`
-                statics.append(id(leaf) if type(leaf) is types.FunctionType else leaf)
-        key = (treedef, tuple(map(type, leaves)), tuple(statics))
-        try:
-            token = _TOKENS.get(key)
-        except TypeError:  # an unhashable static value: the general path decides
-            return
-        if token is None:
-            token = _Token()
-            _bounded_put(_TOKENS, key, token, MAX_TOKENS)
-        self.arrays = tuple(arrays)
-        self.token = token
+        found = _token(obj)
+        if found is not None:
+            self.token, self.arrays = found
 
     def view(self, key: Hashable, targets: Sequence[Any]) -> _View:
         placed, used, moved = _placement_cache.place(self.arrays, targets, cache=True)
@@ -490,6 +490,31 @@ class _Record:
             for _, copy in used:
                 copy.views.append((me, key))
         return view
+
+
+def _token(obj: Any) -> tuple[_Token, tuple[Any, ...]] | None:
+    """The token of a Module and its array leaves, or `None` when it cannot be
+    recorded (a mutable node, a tracer, an unhashable static value)."""
+    leaves, treedef = _flatten(obj)
+    if not _immutable(treedef):
+        return None
+    arrays, statics = [], []
+    for leaf in leaves:
+        if is_array(leaf):
+            if isinstance(leaf, jax.core.Tracer):
+                return None  # inside a trace: nothing worth keeping
+            arrays.append(leaf)
+        else:  # functions by identity and not held, as in `Compiled._lookup`
+            statics.append(id(leaf) if type(leaf) is types.FunctionType else leaf)
+    key = (treedef, tuple(map(type, leaves)), tuple(statics))
+    try:
+        token = _TOKENS.get(key)
+    except TypeError:  # an unhashable static value: the general path decides
+        return None
+    if token is None:
+        token = _Token()
+        _bounded_put(_TOKENS, key, token, MAX_TOKENS)
+    return token, tuple(arrays)
 
 
 _RECORDS: dict[int, _Record] = {}
@@ -520,6 +545,13 @@ def _note(obj: Any) -> None:
             rec.fill(obj)
         return
 
+    _new_record(obj)
+
+
+def _new_record(obj: Any) -> _Record:
+    """A `_Record` of `obj`, registered until `obj` dies (or is evicted)."""
+    key = id(obj)
+
     def forget(ref: Any) -> None:
         if _RECORDS.get(key) is rec:
             del _RECORDS[key]
@@ -528,6 +560,31 @@ def _note(obj: Any) -> None:
     if len(_RECORDS) >= MAX_RECORDS:
         del _RECORDS[next(iter(_RECORDS))]
     _RECORDS[key] = rec
+    return rec
+
+
+def _output_modules(out: Any, out_arrays: list[Any]) -> list[tuple] | None:
+    """Where the Modules among a call's outputs are (the output itself, or an
+    element of an output tuple or list), as `(position, start, stop, token)`: their
+    arrays are `out_arrays[start:stop]`. `None` while the outputs are not concrete
+    arrays (under an outer trace), to look again on the next call."""
+    if any(type(a) is not ArrayImpl for a in out_arrays):
+        return None
+    if isinstance(out, eqx.Module):
+        candidates: list[tuple[int | None, Any]] = [(None, out)]
+    elif type(out) in (tuple, list):
+        candidates = list(enumerate(out))
+    else:
+        return []
+    found, start = [], 0
+    for pos, value in candidates:
+        count = sum(map(is_array, jtu.tree_leaves(value)))
+        if count and isinstance(value, eqx.Module):
+            token = _token(value)
+            if token is not None:
+                found.append((pos, start, start + count, token[0]))
+        start += count
+    return found
 
 
 _FunctionType = types.FunctionType
