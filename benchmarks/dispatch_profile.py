@@ -7,6 +7,8 @@ Each piece of eqpar's hot path (`eqpar/_dispatch.py`, `Compiled.__call__`) is ti
 on its own with `timeit` (best of 5 repeats, µs per call), beside the raw
 `jax.jit` call it is compared with. Single pieces are timed without the async
 backlog that the interleaved benchmarks include, so their sum is a lower bound.
+Two rows measure what any Python between two `jax.jit` calls costs on this
+machine: a loop unrelated to eqpar, alone and before each raw call.
 """
 
 import argparse
@@ -48,8 +50,17 @@ def pieces(leaves_count: int) -> dict[str, Callable[[], Any]]:
     shape = (tree, tuple(map(type, leaves)))
     plan = compiled._plans[shape]  # noqa: SLF001
     outs = entry.jitted(arrays)
+
+    def busy() -> int:  # about as much Python as eqpar's fast path, unrelated to it
+        total = 0
+        for i in range(25):
+            total += i
+        return total
+
     return {
         "raw jax.jit on the flat leaves": lambda: raw(flat, x),
+        "unrelated Python alone (a 25-step loop)": busy,
+        "raw jax.jit + that loop before each call": lambda: (busy(), raw(flat, x)),
         "eqpar.filter_jit call (all of it)": lambda: wrapped(model, x),
         "fast: key (function, Module token, array type)": lambda: _dispatch._fast_key(  # noqa: SLF001
             fun, (model, x), None
