@@ -318,10 +318,11 @@ class _Entry:
             out, self.outputs = self.by_avals[_avals(in_arrays)], []
         assert out is not None
         treedef, signature, all_dynamic = out
+        # `treedef.unflatten`: `jtu.tree_unflatten` without its Python frame.
         if all_dynamic:
-            result = jtu.tree_unflatten(treedef, out_arrays)
+            result = treedef.unflatten(out_arrays)
         else:
-            result = jtu.tree_unflatten(treedef, merge_leaves(signature, out_arrays))
+            result = treedef.unflatten(merge_leaves(signature, out_arrays))
         outputs = self.outputs
         if outputs is None:
             outputs = self.outputs = _output_modules(result, out_arrays)
