@@ -1133,13 +1133,6 @@ def shared(kind: str, options: Any, make: Callable[[], Any]) -> Any:
     and shared by every wrapper with equal options: a fresh wrapper per call reuses
     the compiled programs. Options that cannot be hashed get a caller of their own.
     """
-    if type(options) is str:  # filter_jit's `donate`: no flatten needed
-        try:
-            return _SHARED[(kind, options)]
-        except KeyError:
-            caller = make()
-            _bounded_put(_SHARED, (kind, options), caller, MAX_SHARED)
-            return caller
     key = _options_key(kind, options)
     if key is None:
         return make()

@@ -8,6 +8,7 @@ leaves costs, where `equinox.filter_jit` costs several times that.
 
 import functools as ft
 from collections.abc import Callable
+from types import FunctionType
 from typing import Any, overload
 
 from ._dispatch import (
@@ -75,6 +76,16 @@ def filter_jit(
         assert forward(model, jnp.ones((8, 4))).shape == (8, 2)
         ```
     """
-    donate = check_donate(donate)
-    caller = shared("jit", donate, ft.partial(Compiled, _jit_run, donate=donate))
+    try:  # wrappers are often built inline, once per call: the common case first
+        caller = _CALLERS[donate]
+    except (KeyError, TypeError):
+        donate = check_donate(donate)
+        caller = shared("jit", donate, ft.partial(Compiled, _jit_run, donate=donate))
+        _CALLERS[donate] = caller
+    if type(fun) is FunctionType:
+        return transformed(fun, caller)
     return decorator_or_call(fun, lambda f: transformed(f, caller), "filter_jit")
+
+
+# `donate` -> the shared caller (see `shared`): at most five entries.
+_CALLERS: dict[str, Compiled] = {}
