@@ -122,6 +122,21 @@ def _program(mapped: Callable) -> Callable:
     return eqpar.filter_jit(lambda *a: mapped(*a))
 
 
+def _timed(
+    programs: dict[str, Callable], args: tuple, quick: bool
+) -> dict[str, list[float]]:
+    """Seconds per call of each compiled program on `args`, waited for, in
+    interleaved rounds."""
+    fns = {k: blocking(lambda p=p: p(*args)) for k, p in programs.items()}
+    return interleaved(
+        fns,
+        calls=3 if quick else 10,
+        rounds=3 if quick else 9,
+        block=lambda v: v,
+        warmup=2,
+    )
+
+
 def _temps_of(mapped: Callable, args: tuple) -> int:
     lowered = _program(mapped).lower(*args)  # type: ignore[attr-defined]
     return int(lowered.lowered.compile().memory_analysis().temp_size_in_bytes)
@@ -176,14 +191,7 @@ def throughput(
     programs = {"auto": _program(auto)}
     for c in fitting[-4:]:  # the largest that fit: the fastest candidates
         programs[f"chunk {c}"] = _program(make(chunk_size=c))
-    fns = {k: blocking(lambda p=p: p(*args)) for k, p in programs.items()}
-    samples = interleaved(
-        fns,
-        calls=3 if quick else 10,
-        rounds=3 if quick else 9,
-        block=lambda x: x,
-        warmup=2,
-    )
+    samples = _timed(programs, args, quick)
     medians = {k: statistics.median(v) for k, v in samples.items()}
     best = min((k for k in medians if k != "auto"), key=medians.__getitem__)
     rows = [
@@ -192,7 +200,7 @@ def throughput(
             f"{medians[k] * 1e3:.2f}",
             f"{min(samples[k]) * 1e3:.2f}-{max(samples[k]) * 1e3:.2f}",
         ]
-        for k in fns
+        for k in programs
     ]
     goal = ratio_goal(
         f"auto (chunk {chosen}) vs best hand-picked ({best}) at 10% budget: time",
@@ -246,14 +254,7 @@ def training(quick: bool) -> tuple[str, list[Goal]]:
         rows.append([str(k) + (" (whole batch)" if k == per else ""), mib(memory[k])])
     quarter = per // 4
     programs = {"unaccumulated": step(None), f"microbatch={quarter}": step(quarter)}
-    fns = {k: blocking(lambda p=p: p(model, x, y)) for k, p in programs.items()}
-    samples = interleaved(
-        fns,
-        calls=3 if quick else 10,
-        rounds=3 if quick else 9,
-        block=lambda v: v,
-        warmup=2,
-    )
+    samples = _timed(programs, (model, x, y), quick)
     # examples/s ratio = time(unaccumulated) / time(microbatched)
     speed = ratio_goal(
         f"microbatch={quarter} vs unaccumulated: examples/s",
