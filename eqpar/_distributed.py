@@ -9,9 +9,16 @@ or your scheduler), and the array helpers are JAX's
 `initialize`, `jax.devices()` lists every process's devices, so `data_mesh`,
 `Parallel`, `filter_shard_map`, `replicate` and the collectives work across processes
 with no change.
+
+`initialize` also makes a process that fails end at once: Python's normal exit runs
+JAX's distributed shutdown, which waits for every other process, while they may be
+waiting for this one in a collective, so an uncaught exception would hang the run.
 """
 
 import os
+import sys
+import threading
+import types
 from collections.abc import Mapping
 
 import jax
@@ -69,6 +76,19 @@ def initialize(
     `True` if a multi-process runtime was started; `False` when nothing asks for one
     (no arguments, no environment): the program then runs as a single process, so
     the same script works with and without a launcher.
+
+    !!! warning "A failing process ends at once"
+
+        Once the multi-process runtime is started, an uncaught exception, in the main
+        thread or any other, prints its traceback as usual and then ends the process
+        at once with status 1 (130 for `KeyboardInterrupt`), skipping Python's
+        `atexit` handlers: JAX's distributed shutdown among them would wait for
+        the other processes, which may be waiting for this one. The launcher
+        (`python -m eqpar.launch`, or your scheduler) then stops the others. An
+        exception that ends only a thread becomes fatal too, since the program may
+        be waiting for that thread's work. `sys.exit(n)` never reaches this hook:
+        under `python -m eqpar.launch` a status `n != 0` also ends the process at
+        once; under another launcher, raise an exception instead.
     """
     env = os.environ
     coordinator_address = coordinator_address or _from_env("coordinator_address", env)
@@ -95,7 +115,57 @@ def initialize(
     jax.distributed.initialize(
         coordinator_address=coordinator_address, num_processes=num, process_id=pid
     )
+    _end_process_on_uncaught_exceptions(pid, num)
     return True
+
+
+def _end_process_on_uncaught_exceptions(process_id: int, num_processes: int) -> None:
+    """Hooks `sys.excepthook` and `threading.excepthook`: print as before, then end
+    this process without running `atexit` (see `initialize`). Installed once."""
+    if getattr(sys.excepthook, "_eqpar_ends_process", False):
+        return
+    previous = sys.excepthook
+    previous_in_thread = threading.excepthook
+
+    def end(exc_type: type[BaseException], where: str) -> None:
+        code = 130 if issubclass(exc_type, KeyboardInterrupt) else 1
+        try:
+            print(
+                f"eqpar: process {process_id} of {num_processes} ends with status "
+                f"{code} on the uncaught {exc_type.__name__} above{where}, without "
+                "JAX's distributed shutdown (it would wait for the other processes).",
+                file=sys.stderr,
+            )
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            os._exit(code)
+
+    def excepthook(
+        exc_type: type[BaseException],
+        exc: BaseException,
+        tb: types.TracebackType | None,
+    ) -> None:
+        try:
+            previous(exc_type, exc, tb)
+        finally:
+            end(exc_type, "")
+
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
+        previous_in_thread(args)
+        # SystemExit ends only its thread, as in Python; a daemon thread failing
+        # while the interpreter shuts down cannot hang anything any more.
+        if args.exc_type is SystemExit or sys.is_finalizing():
+            return
+        thread = args.thread.name if args.thread is not None else "a thread"
+        end(args.exc_type, f" (in thread {thread})")
+
+    excepthook._eqpar_ends_process = True  # type: ignore[attr-defined]
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
 
 
 def _int_env(name: str) -> int | None:
