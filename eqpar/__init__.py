@@ -1,6 +1,6 @@
 """eqpar: filtered parallel transforms and pytree-aware collectives for Equinox."""
 
-from ._chunking import split_key as split_key
+from ._checkpoint import CheckpointManager as CheckpointManager
 from ._collectives import (
     all_gather as all_gather,
     axis_size as axis_size,
@@ -23,6 +23,8 @@ from ._distributed import (
 )
 from ._errors import (
     AxisSizeError as AxisSizeError,
+    CheckpointError as CheckpointError,
+    DeletedArrayError as DeletedArrayError,
     EqparError as EqparError,
     EqparWarning as EqparWarning,
     MeshError as MeshError,
@@ -36,6 +38,7 @@ from ._grad import (
     grad_mean as grad_mean,
 )
 from ._jit import filter_jit as filter_jit
+from ._keys import split_key as split_key
 from ._optax import pmean_updates as pmean_updates
 from ._parallel import Parallel as Parallel
 from ._placement import (

@@ -25,21 +25,17 @@ import math
 import os
 import warnings
 from collections.abc import Hashable, Sequence
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 from jax.extend.core import jaxpr_as_fun
 
-from ._collectives import _to_varying, varying_axes
 from ._errors import EqparError, EqparWarning, SpecError
+from ._mapped import MappedCall
 from ._specs import is_array
-
-
-if TYPE_CHECKING:
-    from ._vmap import MappedCall
+from ._vma import to_varying, varying_axes
 
 
 logger = logging.getLogger("eqpar")
@@ -55,80 +51,6 @@ MAX_CHOICES = 256
 """Chunk choices cached per `filter_vmap` option set (oldest dropped first)."""
 
 _MAX_PROBES = 6
-
-
-# ----------------------------------------------------------------------------------
-# Per-example keys
-
-
-def is_scalar_key(leaf: Any) -> bool:
-    """A scalar typed PRNG key (`jax.random.key(seed)`)."""
-    return (
-        is_array(leaf)
-        and np.ndim(leaf) == 0
-        and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
-    )
-
-
-def is_legacy_key(leaf: Any) -> bool:
-    return is_array(leaf) and np.shape(leaf) == (2,) and leaf.dtype == np.uint32
-
-
-def per_example_keys(key: Any, size: int) -> Any:
-    """`fold_in(key, i)` for `i in range(size)`: one key per example, by its index in
-    the whole batch, so that example `i` draws the same numbers however the batch
-    is chunked or split over devices (the rule `eqpar.Parallel` follows too)."""
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(size))
-
-
-class _SplitKey:
-    """An `in_axes` spec for [`eqpar.filter_vmap`][] (and `filter_pmap`) that maps
-    random keys: a scalar typed key (`jax.random.key(seed)`) becomes one key per
-    example, `jax.random.fold_in(key, i)` for example `i`; every other array maps
-    axis 0, like the default `eqx.if_array(0)`.
-
-    Use it as the whole spec (`in_axes=eqpar.split_key`) or for one argument
-    (`in_axes=(eqpar.split_key, None)`). Example `i` draws the same numbers
-    whatever `chunk_size` is, and the same as under [`eqpar.Parallel`][], which
-    applies this rule to a mapped key on any number of devices. (Flax NNX's
-    `split_rngs`, made invariant to chunking and devices.) Legacy `uint32[2]` keys
-    are refused with advice: only typed keys are split.
-
-    !!! example
-
-        ```python
-        import jax, jax.numpy as jnp, eqpar
-
-        def noisy(key, x):
-            return x + jax.random.normal(key, x.shape)
-
-        key, x = jax.random.key(0), jnp.zeros((10, 3))
-        a = eqpar.filter_vmap(noisy, in_axes=eqpar.split_key)(key, x)
-        b = eqpar.filter_vmap(noisy, in_axes=eqpar.split_key, chunk_size=3)(key, x)
-        assert jnp.array_equal(a, b)                      # chunking changes nothing
-        assert jnp.array_equal(a[4], noisy(jax.random.fold_in(key, 4), x[4]))
-        ```
-    """
-
-    def __call__(self, leaf: Any) -> Any:
-        if is_scalar_key(leaf):
-            return SPLIT
-        if is_legacy_key(leaf):
-            return LEGACY
-        return 0 if is_array(leaf) else None
-
-    def __repr__(self) -> str:
-        return "eqpar.split_key"
-
-
-class _Split:
-    def __repr__(self) -> str:
-        return "SPLIT"
-
-
-SPLIT: Any = _Split()
-LEGACY: Any = _Split()  # a uint32[2] array under `split_key`: refused by name
-split_key = _SplitKey()
 
 
 # ----------------------------------------------------------------------------------
@@ -148,15 +70,15 @@ def initial_buffer(shape: tuple[int, ...], like: Any) -> Any:
     buf = jnp.zeros(shape, like.dtype)  # typed keys too
     vary = getattr(like, "manual_axis_type", None)
     axes = tuple(vary.varying) if vary is not None else ()
-    return _to_varying(buf, axes) if axes else buf
+    return to_varying(buf, axes) if axes else buf
 
 
-def broadcast_values(call: "MappedCall") -> list[Any]:
+def broadcast_values(call: MappedCall) -> list[Any]:
     return [call.leaves[i] for i in call.broadcast_index]
 
 
 def run_unchunked(
-    call: "MappedCall",
+    call: MappedCall,
     size: int,
     mapped: Sequence[Any] | None = None,
     broadcast: Sequence[Any] | None = None,
@@ -173,7 +95,7 @@ def run_unchunked(
 
 
 def run_chunked(
-    call: "MappedCall",
+    call: MappedCall,
     size: int,
     chunk: int,
     mapped: Sequence[Any] | None = None,
@@ -192,7 +114,7 @@ def run_chunked(
     vary = tuple(sorted(set().union(*map(_varying, mapped)), key=str))
     if vary:
         broadcast = [
-            _to_varying(jnp.asarray(b), vary) if is_array(b) else b for b in broadcast
+            to_varying(jnp.asarray(b), vary) if is_array(b) else b for b in broadcast
         ]
 
     def body(m: list[Any], b: list[Any]) -> tuple[list[Any], list[Any]]:
@@ -353,7 +275,7 @@ def _spec(x: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
 
 
-def temp_bytes(call: "MappedCall", size: int, chunk: int) -> int:
+def temp_bytes(call: MappedCall, size: int, chunk: int) -> int:
     """XLA's `temp_size_in_bytes` for the map of `call` compiled on its own, in
     chunks of `chunk` (unchunked when `chunk >= size`). Nothing runs."""
     mapped = [_spec(x) for x in call.mapped]
@@ -420,7 +342,7 @@ def _predict(known: dict[int, int], budget: int, size: int) -> int:
     return int(math.floor(c0 + (budget - t0) / slope))
 
 
-def choose_chunk(call: "MappedCall", size: int, budget: int) -> ChunkChoice:
+def choose_chunk(call: MappedCall, size: int, budget: int) -> ChunkChoice:
     """The largest chunk (up to `size`) whose compiled temporaries fit `budget`."""
     known: dict[int, int] = {size: temp_bytes(call, size, size)}
     unchunked = known[size]
@@ -463,7 +385,7 @@ class ChunkCache:
             self._budget = resolve_budget(self.memory_budget)
         return self._budget
 
-    def choose(self, call: "MappedCall", size: int, who: str) -> ChunkChoice:
+    def choose(self, call: MappedCall, size: int, who: str) -> ChunkChoice:
         key = _signature(call)
         if key is not None:
             try:
@@ -503,7 +425,7 @@ class ChunkCache:
         return choice
 
 
-def _signature(call: "MappedCall") -> Hashable | None:
+def _signature(call: MappedCall) -> Hashable | None:
     parts: list[Any] = []
     for leaf in call.leaves:
         if is_array(leaf):

@@ -25,15 +25,17 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from ._errors import AxisSizeError, ReplicationError, SpecError, UnboundAxisError
+from ._errors import AxisSizeError, SpecError, UnboundAxisError
 from ._specs import is_array
-
-
-AxisName = Hashable | tuple[Hashable, ...]
-
-
-def _names(axis_name: AxisName) -> tuple[Hashable, ...]:
-    return tuple(axis_name) if isinstance(axis_name, tuple) else (axis_name,)
+from ._vma import (
+    axis_names,
+    AxisName,
+    manual_axes,
+    to_varying,
+    typed,
+    varying_axes as varying_axes,
+    vmap_axis_error,
+)
 
 
 def axis_size(axis_name: AxisName) -> int:
@@ -45,13 +47,13 @@ def axis_size(axis_name: AxisName) -> int:
         return jax.lax.axis_size(axis_name)
     except NameError:
         bound = []
-        for name in _names(axis_name):
+        for name in axis_names(axis_name):
             try:
                 jax.lax.axis_size(name)
                 bound.append(name)
             except NameError:
                 pass
-        missing = [n for n in _names(axis_name) if n not in bound]
+        missing = [n for n in axis_names(axis_name) if n not in bound]
         raise UnboundAxisError(
             f"Axis name {missing[0]!r} is not bound here"
             + (f" (of {axis_name!r})" if isinstance(axis_name, tuple) else "")
@@ -60,38 +62,6 @@ def axis_size(axis_name: AxisName) -> int:
             "axis_name=...)`, or `eqpar.filter_shard_map` (which binds the names of "
             "its mesh's axes). `jax.set_mesh` alone does not bind axis names."
         ) from None
-
-
-def _manual(axis_name: AxisName) -> tuple[Hashable, ...]:
-    """The names among `axis_name` that are manual `shard_map` axes here."""
-    manual = jax.sharding.get_abstract_mesh().manual_axes
-    return tuple(n for n in _names(axis_name) if n in manual)
-
-
-def _checked(axes: tuple[Hashable, ...]) -> bool:
-    """Whether replication typing is on for these manual axes (`check_vma=True`).
-
-    `axis_index` always varies over its axis when typing is on, and never carries a
-    type when it is off: a probe that needs nothing private.
-    """
-    if not axes:
-        return False
-    varying = jax.typeof(jax.lax.axis_index(axes[0])).manual_axis_type.varying
-    return axes[0] in varying
-
-
-def varying_axes(x: Any) -> frozenset[Hashable]:
-    """The manual mesh axes over which `x` may differ between devices (its VMA type).
-
-    Empty for values that carry no type: outside `shard_map`, under `vmap`, or with
-    `check_vma=False`.
-    """
-    return jax.typeof(x).manual_axis_type.varying
-
-
-def _to_varying(x: Any, axes: tuple[Hashable, ...]) -> Any:
-    missing = tuple(a for a in axes if a not in varying_axes(x))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def mark_varying(tree: PyTree, axis_name: AxisName) -> PyTree:
@@ -114,10 +84,10 @@ def mark_varying(tree: PyTree, axis_name: AxisName) -> PyTree:
         handles every kind of loss.
     """
     axis_size(axis_name)
-    manual = _manual(axis_name)
-    if not _checked(manual):
+    manual = manual_axes(axis_name)
+    if not typed(manual):
         return tree
-    return _map_arrays(lambda x: _to_varying(jnp.asarray(x), manual), tree)
+    return _map_arrays(lambda x: to_varying(jnp.asarray(x), manual), tree)
 
 
 def _map_arrays(fn: Callable[[Any], Any], tree: Any) -> Any:
@@ -135,23 +105,8 @@ def _unmapped_names(axis_name: AxisName) -> list[Hashable]:
     replication checking on. JAX's `check_vma` typing knows only mesh axes and fails
     with a bare `AssertionError` on the others."""
     manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
-    others = [n for n in _names(axis_name) if n not in manual]
-    return others if others and _checked(manual) else []
-
-
-def vmap_axis_error(subject: str) -> ReplicationError:
-    """The error for a collective over a vmap axis in a `check_vma=True` shard_map;
-    `subject` names the collective and its axis."""
-    return ReplicationError(
-        f"{subject} is bound by `filter_vmap(axis_name=...)` (or `jax.vmap`) inside "
-        "`filter_shard_map` or `Parallel` with replication checking on "
-        "(`check_vma=True`), whose typing knows only mesh axes: JAX "
-        f"{jax.__version__} cannot reduce over a vmap axis there. Pass "
-        "`check_vma=False` to the enclosing `filter_shard_map` / `Parallel` (values "
-        "are then per device, as under `filter_pmap`; average gradients with "
-        "`eqpar.filter_value_and_grad_mean`), or reduce over the vmap axis without a "
-        "collective (e.g. `jnp.mean` of the `filter_vmap` output)."
-    )
+    others = [n for n in axis_names(axis_name) if n not in manual]
+    return others if others and typed(manual) else []
 
 
 def _collective(
@@ -160,8 +115,8 @@ def _collective(
     """Applies `op` to each array leaf, and to each Python number outside a Module
     as `jax.lax` does (a constant: `psum(1, name)` is the axis size)."""
     axis_size(axis_name)
-    manual = _manual(axis_name)
-    cast = _checked(manual)
+    manual = manual_axes(axis_name)
+    cast = typed(manual)
     unmapped = _unmapped_names(axis_name)
 
     def apply(x: Any) -> Any:
@@ -169,7 +124,7 @@ def _collective(
             raise vmap_axis_error(f"The axis {unmapped} of `eqpar.{_op_name(op)}`")
         x = jnp.asarray(x)
         if cast:
-            x = _to_varying(x, manual)
+            x = to_varying(x, manual)
         return op(x, axis_name, **kwargs)
 
     def visit(x: Any) -> Any:
@@ -393,9 +348,9 @@ def halo_exchange(
     n = axis_size(axis_name)
     if width == 0:
         return x
-    manual = _manual(axis_name)
-    if _checked(manual):  # the result mixes x with neighbours' (varying) rows
-        x = _to_varying(x, manual)
+    manual = manual_axes(axis_name)
+    if typed(manual):  # the result mixes x with neighbours' (varying) rows
+        x = to_varying(x, manual)
     last = jax.lax.slice_in_dim(x, x.shape[axis] - width, x.shape[axis], axis=axis)
     first = jax.lax.slice_in_dim(x, 0, width, axis=axis)
     # Always a full ring (vmap's ppermute accepts only full permutations); without

@@ -5,6 +5,8 @@ eqpar's complaints precisely, and each subclasses the builtin a user would reach
 first (`ValueError`, `NameError`), so that generic handlers keep working.
 """
 
+import sys
+import warnings
 from typing import Annotated, Any, TYPE_CHECKING, TypeVar
 
 
@@ -56,6 +58,31 @@ class UnboundAxisError(EqparError, NameError):
     """A collective named an axis that no enclosing transform binds."""
 
 
+class DeletedArrayError(EqparError, RuntimeError):
+    """An input array's buffer is gone: it was donated to an earlier call (`donate=`)
+    or deleted. Pass the output of that call (the new value) instead, or a copy."""
+
+
+class CheckpointError(EqparError, ValueError):
+    """A checkpoint cannot be saved or restored as asked: no (finished) checkpoint to
+    restore, a step that is not after the latest one, or a `like` tree whose leaves,
+    shapes or dtypes differ from the saved ones."""
+
+
 class EqparWarning(UserWarning):
     """A call that runs but is probably not what was meant, e.g. a random key that
     `Parallel` broadcasts, so that every device draws the same numbers."""
+
+
+def warn(message: str, category: type[Warning] = EqparWarning) -> None:
+    """Issues a warning located at the first frame outside eqpar, JAX and Equinox,
+    i.e. the user's line that led to it, however deep inside eqpar it was found."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2 is warn's caller
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+        _LIBRARIES
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+_LIBRARIES = ("eqpar.", "jax", "equinox", "jaxtyping", "beartype")

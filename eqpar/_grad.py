@@ -34,18 +34,11 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import ArrayLike, PyTree
 
-from ._collectives import (
-    _checked,
-    _manual,
-    _to_varying,
-    axis_size,
-    AxisName,
-    mark_varying,
-    varying_axes,
-)
+from ._collectives import axis_size, mark_varying
 from ._errors import Checked, ReplicationError, SpecError
 from ._microbatch import accumulate, check_microbatch
 from ._specs import is_array
+from ._vma import AxisName, manual_axes, to_varying, typed, varying_axes
 
 
 def _is_inexact(x: Any) -> bool:
@@ -75,7 +68,7 @@ def _weights(
         return 1.0 / axis_size(axis_name), None
     c = _count(count, what)
     if checked:
-        c = _to_varying(c, manual)
+        c = to_varying(c, manual)
     return c / jax.lax.psum(c, axis_name), c > 0
 
 
@@ -92,7 +85,7 @@ def _psum_kept(
         if keep is not None:
             x = jnp.where(keep, x, jnp.zeros_like(x))
         if checked:
-            x = _to_varying(x, manual)
+            x = to_varying(x, manual)
         return jax.lax.psum(x, axis_name)
 
     return jtu.tree_map(total, tree)
@@ -108,8 +101,8 @@ def _value_and_grad_mean(
     count: ArrayLike | None,
     microbatch: int | None = None,
 ) -> tuple[Any, PyTree]:
-    manual = _manual(axis_name)
-    checked = _checked(manual)
+    manual = manual_axes(axis_name)
+    checked = typed(manual)
     weight, keep = _weights(
         count, axis_name, manual, checked, "filter_value_and_grad_mean"
     )
@@ -119,7 +112,7 @@ def _value_and_grad_mean(
         value, aux = out if has_aux else (out, None)
         value = jnp.asarray(value)
         if checked:  # a loss every device holds alike counts once per device
-            value = _to_varying(value, manual)
+            value = to_varying(value, manual)
         if keep is not None:
             value = jnp.where(keep, value, jnp.zeros_like(value))
         share = value * jnp.asarray(weight).astype(value.dtype)
@@ -298,8 +291,8 @@ def filter_grad_mean(
 def _invariant_leaves(grads: PyTree, axis_name: AxisName) -> list[str]:
     """Paths of the inexact leaves that do not vary over a manual axis of
     `axis_name` (under `check_vma=True`)."""
-    manual = _manual(axis_name)
-    if not _checked(manual):
+    manual = manual_axes(axis_name)
+    if not typed(manual):
         return []
     found = []
     for path, leaf in jtu.tree_leaves_with_path(grads):
@@ -380,15 +373,15 @@ def grad_mean(
         assert jnp.allclose(g[0], jax.grad(loss)(w, x.reshape(8, 2)))
         ```
     """
-    return _grad_mean(grads, axis_name, count, "grad_mean")
+    return mean_of_grads(grads, axis_name, count, "grad_mean")
 
 
-def _grad_mean(
+def mean_of_grads(
     grads: PyTree, axis_name: AxisName, count: ArrayLike | None, what: str
 ) -> PyTree:
     axis_size(axis_name)
-    manual = _manual(axis_name)
-    checked = _checked(manual)
+    manual = manual_axes(axis_name)
+    checked = typed(manual)
     _check_per_device(grads, axis_name, what)
     if count is None:
         return jtu.tree_map(
@@ -397,7 +390,7 @@ def _grad_mean(
         )
     c = _count(count, what)
     if checked:
-        c = _to_varying(c, manual)
+        c = to_varying(c, manual)
     total = jax.lax.psum(c, axis_name)
     keep = c > 0
     weighted = jtu.tree_map(

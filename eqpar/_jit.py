@@ -6,12 +6,11 @@ is what the user pays on every step: it costs about what `jax.jit` on the array
 leaves costs, where `equinox.filter_jit` costs several times that.
 """
 
-import functools as ft
 from collections.abc import Callable
-from types import FunctionType
 from typing import Any, overload
 
 from ._dispatch import (
+    Backend,
     check_donate,
     Compiled,
     decorator_or_call,
@@ -22,9 +21,12 @@ from ._dispatch import (
 from ._errors import Checked
 
 
-def _jit_run(fun: Any, args: tuple, kwargs: dict, context: None) -> tuple[Any, None]:
+def _run(fun: Any, args: tuple, kwargs: dict, context: None) -> Any:
     del context
-    return fun(*args, **kwargs), None
+    return fun(*args, **kwargs)
+
+
+_BACKEND = Backend(_run)
 
 
 @overload
@@ -76,16 +78,6 @@ def filter_jit(
         assert forward(model, jnp.ones((8, 4))).shape == (8, 2)
         ```
     """
-    try:  # wrappers are often built inline, once per call: the common case first
-        caller = _CALLERS[donate]
-    except (KeyError, TypeError):
-        donate = check_donate(donate)
-        caller = shared("jit", donate, ft.partial(Compiled, _jit_run, donate=donate))
-        _CALLERS[donate] = caller
-    if type(fun) is FunctionType:
-        return transformed(fun, caller)
+    donate = check_donate(donate)
+    caller = shared("jit", donate, lambda: Compiled(_BACKEND, donate=donate))
     return decorator_or_call(fun, lambda f: transformed(f, caller), "filter_jit")
-
-
-# `donate` -> the shared caller (see `shared`): at most five entries.
-_CALLERS: dict[str, Compiled] = {}

@@ -5,8 +5,8 @@ from typing import Any
 import optax
 from jaxtyping import ArrayLike
 
-from ._collectives import AxisName
-from ._grad import _grad_mean
+from ._grad import mean_of_grads
+from ._vma import AxisName
 
 
 def pmean_updates(axis_name: AxisName) -> optax.GradientTransformationExtraArgs:
@@ -54,6 +54,6 @@ def pmean_updates(axis_name: AxisName) -> optax.GradientTransformationExtraArgs:
         **extra_args: Any,
     ) -> tuple[optax.Updates, optax.OptState]:
         del params, extra_args
-        return _grad_mean(updates, axis_name, count, "pmean_updates"), state
+        return mean_of_grads(updates, axis_name, count, "pmean_updates"), state
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -1,5 +1,5 @@
 """`Parallel`: split a batch over the devices, run, reduce. Objax's front door, on
-eqpar's dispatcher and `shard_map`.
+eqpar's dispatch core and its one shard_map runner.
 
 One compiled program per call signature does all of it: per-example keys, padding to
 a multiple of the device count, the per-device call with the axis name bound, the
@@ -7,9 +7,8 @@ reduction of the outputs and the trimming of the padding.
 """
 
 import functools as ft
-import warnings
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -19,8 +18,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
-from ._collectives import varying_axes
 from ._dispatch import (
+    Backend,
     check_donate,
     Compiled,
     Donate,
@@ -28,35 +27,25 @@ from ._dispatch import (
     Transformed,
     transformed,
 )
-from ._errors import AxisSizeError, Checked, EqparWarning, MeshError, SpecError
+from ._errors import AxisSizeError, Checked, MeshError, SpecError, warn
+from ._keys import is_legacy_key, is_scalar_key, per_example_keys
+from ._mapped import AxisSpec
 from ._placement import STACK_REDUCTIONS
-from ._shard_map import (
-    check_context_mesh,
+from ._runner import (
+    check_explicit_inputs,
     check_shard_map_options,
     eager_autodiff_check,
-    match_explicit,
-    trace_shard_map,
+    gather,
+    run_shard_map,
 )
 from ._specs import check_int_axes, is_array, leaf_names, resolve_call_specs
-from ._vmap import AxisSpec
+from ._vma import varying_axes
 
 
 # "concat" | "mean" | "first" | None | callable (a `str`, not a Literal: see Reduce in
 # _placement.py).
 ParallelReduce = str | None | Callable[[Any], Any]
 _REDUCE = ("concat", "mean", "first")
-
-
-def _is_scalar_key(leaf: Any) -> bool:
-    return (
-        is_array(leaf)
-        and np.ndim(leaf) == 0
-        and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
-    )
-
-
-def _is_legacy_key(leaf: Any) -> bool:
-    return is_array(leaf) and np.shape(leaf) == (2,) and leaf.dtype == np.uint32
 
 
 class _BatchAxes:
@@ -83,7 +72,7 @@ def _default_axes(fun: Any, args: tuple, kwargs: dict) -> list[Any]:
         for leaf in jtu.tree_leaves(arg, is_leaf=_is_module):
             if _is_module(leaf):
                 axes += [None] * len(jtu.tree_leaves(leaf))
-            elif is_array(leaf) and (np.ndim(leaf) > 0 or _is_scalar_key(leaf)):
+            elif is_array(leaf) and (np.ndim(leaf) > 0 or is_scalar_key(leaf)):
                 axes.append(0)
             else:
                 axes.append(None)
@@ -94,12 +83,178 @@ def _is_module(x: Any) -> bool:
     return isinstance(x, (eqx.Module, eqx.nn.State))
 
 
-def _resolve_axes(in_axes: Any, fun: Any, args: tuple, kwargs: dict) -> list[Any]:
-    axes = resolve_call_specs(in_axes, fun, args, kwargs, default=BATCH, what="in_axes")
-    if any(a is _DEFAULT for a in axes):
-        defaults = _default_axes(fun, args, kwargs)
-        axes = [d if a is _DEFAULT else a for a, d in zip(axes, defaults)]
-    return axes
+class _Split(NamedTuple):
+    """How one call's batch splits over the devices."""
+
+    leaves: list[Any]
+    axes: list[Any]  # per leaf: the batch axis, or None (broadcast)
+    keys: list[bool]  # per leaf: a scalar key to expand into one key per example
+    size: int  # examples
+    pad: int  # padded examples (repeats of the last one), trimmed afterwards
+
+
+class _Parallel:
+    """`Parallel`'s backend for one set of options."""
+
+    def __init__(
+        self,
+        reduce: ParallelReduce,
+        axis_name: Hashable,
+        in_axes: Any,
+        mesh: Mesh | None,
+        check_vma: bool,
+    ):
+        self.reduce = reduce
+        self.axis_name = axis_name
+        self.in_axes = in_axes
+        self.mesh = mesh
+        self.check_vma = check_vma
+
+    def context(self) -> Mesh:
+        return _default_mesh(self.axis_name, tuple(jax.devices()))
+
+    def split(self, fun: Any, args: tuple, kwargs: dict, mesh: Mesh) -> _Split:
+        leaves = jtu.tree_leaves((fun, args, kwargs))
+        axes = resolve_call_specs(
+            self.in_axes, fun, args, kwargs, default=BATCH, what="in_axes"
+        )
+        if any(a is _DEFAULT for a in axes):
+            defaults = _default_axes(fun, args, kwargs)
+            axes = [d if a is _DEFAULT else a for a, d in zip(axes, defaults)]
+        names = ft.cache(lambda: leaf_names(fun, args, kwargs))
+        keys = [a is not None and is_scalar_key(x) for x, a in zip(leaves, axes)]
+        size = _check_sizes(axes, keys, leaves, names)
+        if size is None:
+            raise SpecError(
+                "Parallel splits a batch along the mapped axis of its arguments, but "
+                "no argument is mapped (every array leaf has in_axes None, and the "
+                "default broadcasts Modules and scalars). Pass the batch as an array "
+                "argument, or map it explicitly, e.g. in_axes=(None, 0)."
+            )
+        devices = mesh.shape[self.axis_name]
+        pad = (-size) % devices
+        if pad and self.reduce != "concat":
+            raise AxisSizeError(
+                f"Parallel(reduce={self.reduce!r}) got a batch of {size} examples, "
+                f"which does not divide over {devices} devices. Padding would change "
+                f"the result: the padded examples would enter the {self.reduce!r} "
+                f"reduction. Pad the batch yourself to a multiple of {devices} "
+                "(`eqpar.pad_batch`), pass a mask or count of the real examples and "
+                "weight by it (e.g. the `count` of "
+                "`eqpar.filter_value_and_grad_mean`), or use reduce='concat', which "
+                "pads and trims for you."
+            )
+        return _Split(leaves, axes, keys, size, pad)
+
+    def targets(
+        self, fun: Any, args: tuple, kwargs: dict, context: Mesh | None
+    ) -> list[NamedSharding]:
+        """Batches split along their batch axis (replicated when padded: the
+        program pads them first), everything else replicated."""
+        mesh = self.mesh if self.mesh is not None else context
+        assert mesh is not None
+        split = self.split(fun, args, kwargs, mesh)
+        check_explicit_inputs(mesh, [x for x in split.leaves if is_array(x)])
+        out = []
+        for leaf, axis, key in zip(split.leaves, split.axes, split.keys):
+            if not is_array(leaf):
+                continue
+            if key or axis is None or split.pad:
+                out.append(NamedSharding(mesh, P()))
+            else:
+                axis %= np.ndim(leaf)
+                out.append(NamedSharding(mesh, P(*[None] * axis, self.axis_name)))
+        return out
+
+    def run(self, fun: Any, args: tuple, kwargs: dict, context: Mesh | None) -> Any:
+        mesh = self.mesh if self.mesh is not None else context
+        assert mesh is not None
+        name, reduce = self.axis_name, self.reduce
+        split = self.split(fun, args, kwargs, mesh)
+        leaves, treedef = jtu.tree_flatten((fun, args, kwargs))
+        names = ft.cache(lambda: leaf_names(fun, args, kwargs))
+        total = split.size + split.pad
+        index = np.concatenate(
+            [np.arange(split.size), np.full(split.pad, split.size - 1)]
+        )
+        inputs, specs, where = [], [], []
+        for i, (leaf, axis, key) in enumerate(zip(leaves, split.axes, split.keys)):
+            if not is_array(leaf):
+                continue
+            if axis is None and is_scalar_key(leaf):
+                _warn_broadcast_key(names()[i])
+            where.append(i)
+            if key:  # one key per example, by global index: any device count
+                inputs.append(per_example_keys(leaf, total))
+                specs.append(P(name))
+            elif axis is None:
+                inputs.append(leaf)
+                specs.append(P())
+            else:
+                value = jnp.moveaxis(leaf, axis, 0)
+                if split.pad:  # repeat the last example; trimmed afterwards
+                    value = jnp.take(value, index, axis=0)
+                inputs.append(value)
+                specs.append(P(name))
+        per_device_rows = total // mesh.shape[name]
+        # Filled while JAX traces `per_device` (one list per trace: thread-safe).
+        stacked: list[bool] = []  # per output array: a stack left to reduce
+        out_specs: list[P] = []
+
+        def per_device(*blocks: Any) -> Any:
+            new = list(leaves)
+            for i, block in zip(where, blocks):
+                new[i] = block
+            f, a, k = treedef.unflatten(new)
+            out = f(*a, **k)
+            out_leaves, out_def = jtu.tree_flatten(out)
+            new_leaves = []
+            stacked.clear()
+            out_specs.clear()
+            for x in out_leaves:
+                if is_array(x):
+                    x, spec, is_stacked = _per_device_output(
+                        jnp.asarray(x), reduce, name, per_device_rows, self.check_vma
+                    )
+                    out_specs.append(spec)
+                    stacked.append(is_stacked)
+                new_leaves.append(x)
+            return out_def.unflatten(new_leaves)
+
+        out = run_shard_map(
+            per_device,
+            inputs,
+            specs,
+            lambda _: out_specs,
+            mesh=mesh,
+            check_vma=self.check_vma,
+            who="Parallel",
+        )
+        out_leaves, out_def = jtu.tree_flatten(out)
+        arrays = iter([x for x in out_leaves if is_array(x)])
+        finished = iter(self._finish(mesh, list(arrays), stacked, split))
+        return out_def.unflatten(
+            [next(finished) if is_array(x) else x for x in out_leaves]
+        )
+
+    def _finish(
+        self, mesh: Mesh, outs: list[Any], stacked: list[bool], split: _Split
+    ) -> list[Any]:
+        """The outputs as one device would return them: padding trimmed, stacks
+        reduced (gathered first: an Explicit axis cannot be sliced unevenly,
+        indexed or handed to an arbitrary callable while sharded)."""
+        if self.reduce == "concat":
+            if split.pad:
+                return [gather(mesh, x)[: split.size] for x in outs]
+            return outs
+        if self.reduce is None:
+            return outs
+        fn = (
+            STACK_REDUCTIONS[self.reduce]
+            if isinstance(self.reduce, str)
+            else self.reduce
+        )
+        return [fn(gather(mesh, x)) if s else x for x, s in zip(outs, stacked)]
 
 
 def _check_sizes(
@@ -113,7 +268,7 @@ def _check_sizes(
         legacy = [
             names()[i]
             for i, (leaf, a) in enumerate(zip(leaves, axes))
-            if a is not None and _is_legacy_key(leaf)
+            if a is not None and is_legacy_key(leaf)
         ]
         if not legacy:
             raise
@@ -127,136 +282,13 @@ def _check_sizes(
 
 
 def _warn_broadcast_key(name: str) -> None:
-    warnings.warn(
+    warn(
         f"Parallel broadcasts the random key {name} unchanged (its in_axes is "
         "None), so every device, and every example, draws the same numbers. For "
         "per-example randomness that does not depend on the device count, map the "
         "key instead: give it in_axes 0 (the default does), and Parallel passes "
-        "`fun` one key per example, `fold_in(key, example_index)`.",
-        EqparWarning,
-        stacklevel=2,
+        "`fun` one key per example, `fold_in(key, example_index)`."
     )
-
-
-def _parallel_run(
-    reduce: ParallelReduce,
-    axis_name: Hashable | None,
-    in_axes: Any,
-    check_vma: bool,
-    fun: Any,
-    args: tuple,
-    kwargs: dict,
-    mesh: Mesh,
-) -> tuple[Any, list[NamedSharding]]:
-    if axis_name is None:
-        axis_name = mesh.axis_names[0]
-    leaves, treedef = jtu.tree_flatten((fun, args, kwargs))
-    axes = _resolve_axes(in_axes, fun, args, kwargs)
-    names = ft.cache(lambda: leaf_names(fun, args, kwargs))
-    keys = [a is not None and _is_scalar_key(leaf) for leaf, a in zip(leaves, axes)]
-    for i, (leaf, a) in enumerate(zip(leaves, axes)):
-        if a is None and _is_scalar_key(leaf):
-            _warn_broadcast_key(names()[i])
-    size = _check_sizes(axes, keys, leaves, names)
-    if size is None:
-        raise SpecError(
-            "Parallel splits a batch along the mapped axis of its arguments, but no "
-            "argument is mapped (every array leaf has in_axes None, and the default "
-            "broadcasts Modules and scalars). Pass the batch as an array argument, "
-            "or map it explicitly, e.g. in_axes=(None, 0)."
-        )
-    devices = mesh.shape[axis_name]
-    pad = (-size) % devices
-    if pad and not (reduce == "concat"):
-        raise AxisSizeError(
-            f"Parallel(reduce={reduce!r}) got a batch of {size} examples, which does "
-            f"not divide over {devices} devices. Padding would change the result: "
-            f"the padded examples would enter the {reduce!r} reduction. Pad the "
-            f"batch yourself to a multiple of {devices} (`eqpar.pad_batch`), pass a "
-            "mask or count of the real examples and weight by it (e.g. the `count` "
-            "of `eqpar.filter_value_and_grad_mean`), or use reduce='concat', which "
-            "pads and trims for you."
-        )
-    total = size + pad
-    index = np.concatenate([np.arange(size), np.full(pad, size - 1)])
-
-    inputs, specs, shardings, where = [], [], [], []
-    for i, (leaf, axis, key) in enumerate(zip(leaves, axes, keys)):
-        if not is_array(leaf):
-            continue
-        where.append(i)
-        if key:  # one key per example, by global index: independent of device count
-            value = jax.vmap(lambda j, k=leaf: jax.random.fold_in(k, j))(
-                jnp.arange(total)
-            )
-            shardings.append(NamedSharding(mesh, P()))
-        elif axis is None:
-            value = leaf
-            shardings.append(NamedSharding(mesh, P()))
-        else:
-            value = jnp.moveaxis(leaf, axis, 0)
-            if pad:  # repeat the last example: valid inputs, trimmed afterwards
-                value = jnp.take(value, index, axis=0)
-            axis %= np.ndim(leaf)
-            shardings.append(
-                NamedSharding(mesh, P(*[None] * axis, axis_name) if not pad else P())
-            )
-        inputs.append(value)
-        specs.append(P() if (axis is None and not key) else P(axis_name))
-
-    out_specs: list[Any] = []  # filled while JAX traces `body` (see filter_pmap)
-    structure: list[Any] = []
-
-    def body(*values: Any) -> list[Any]:
-        new = list(leaves)
-        for i, value in zip(where, values):
-            new[i] = value
-        f, a, k = jtu.tree_unflatten(treedef, new)
-        out = f(*a, **k)
-        out_leaves, out_def = jtu.tree_flatten(out)
-        arrays, leaf_specs, stacked, signature = [], [], [], []
-        for leaf in out_leaves:
-            if is_array(leaf):
-                leaf, spec, is_stacked = _per_device_output(
-                    jnp.asarray(leaf), reduce, axis_name, total // devices, check_vma
-                )
-                arrays.append(leaf)
-                leaf_specs.append(spec)
-                stacked.append(is_stacked)
-                signature.append(None)
-            else:
-                signature.append(leaf)
-        out_specs[:] = leaf_specs
-        structure[:] = [out_def, signature, stacked]
-        return arrays
-
-    check_context_mesh(mesh, "Parallel")
-    inputs = match_explicit(mesh, inputs, specs)
-    outs = trace_shard_map(
-        lambda: jax.shard_map(
-            body,
-            mesh=mesh,
-            in_specs=tuple(specs),
-            out_specs=out_specs,
-            check_vma=check_vma,
-        )(*inputs),
-        check_vma,
-    )
-    out_def, signature, stacked = structure
-    if reduce == "concat":
-        if pad:  # an Explicit axis cannot be sliced unevenly: gather, then trim
-            outs = [match_explicit(mesh, [x], [P()])[0][:size] for x in outs]
-    elif reduce is not None:
-        # A stack left to reduce here: gather it first (an Explicit axis cannot be
-        # indexed or handed to an arbitrary callable while sharded).
-        fn = STACK_REDUCTIONS[reduce] if isinstance(reduce, str) else reduce
-        outs = [
-            fn(match_explicit(mesh, [x], [P()])[0]) if s else x
-            for x, s in zip(outs, stacked)
-        ]
-    it = iter(outs)
-    out = jtu.tree_unflatten(out_def, [next(it) if s is None else s for s in signature])
-    return out, shardings
 
 
 def _per_device_output(
@@ -417,27 +449,20 @@ class Parallel(eqx.Module):
         if axis_name is None:
             axis_name = "devices"
         # The backend and its options, shared by every Parallel with the same
-        # options (a fresh Parallel per call compiles once); `context` gives the
-        # mesh per call.
+        # options (a fresh Parallel per call compiles once).
         name = axis_name
 
         def make() -> Compiled:
-            run = ft.partial(_parallel_run, reduce, name, in_axes, check_vma)
-            if mesh is None:
-
-                def context() -> Mesh:
-                    return _default_mesh(name, tuple(jax.devices()))
-
-            else:
-                fixed = mesh
-
-                def context() -> Mesh:
-                    return fixed
-
-            check = None
-            if mesh is not None and AxisType.Explicit in mesh.axis_types:
-                check = eager_autodiff_check(mesh, "Parallel")
-            return Compiled(run, context_fn=context, donate=donate, check=check)
+            backend = _Parallel(reduce, name, in_axes, mesh, check_vma)
+            return Compiled(
+                Backend(
+                    backend.run,
+                    context=backend.context if mesh is None else None,
+                    targets=backend.targets,
+                    check=eager_autodiff_check(mesh, "Parallel"),
+                ),
+                donate=donate,
+            )
 
         options = (reduce, axis_name, in_axes, mesh, check_vma, donate)
         self._call = transformed(fun, shared("parallel", options, make))

@@ -17,8 +17,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
 from ._errors import AxisSizeError, Checked, MeshError, SpecError
-from ._shard_map import check_divides, check_spec
-from ._specs import broadcast_specs, is_array
+from ._specs import broadcast_specs, check_divides, check_spec, is_array
 
 
 def data_mesh(axis_name: str = "data", devices: Sequence[Any] | None = None) -> Mesh:

@@ -15,11 +15,14 @@ target sharding:
   every call;
 - bounded by the bytes of the copies (summed over the devices they occupy), oldest
   first out; `placement_cache(max_bytes=0)` (or the environment variable
-  `EQPAR_PLACEMENT_CACHE_BYTES=0`) turns it off.
+  `EQPAR_PLACEMENT_CACHE_BYTES=0`) turns it off;
+- safe under threads: every change holds one re-entrant lock (re-entrant because a
+  source's death, which drops its copies, can happen inside any allocation).
 """
 
 import math
 import os
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -28,10 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-# The concrete type of every committed or uncommitted `jax.Array` outside a trace.
-# One private import, checked by identity on the hot path (`isinstance` against the
-# `jax.Array` ABC costs ten times more).
-from jax._src.array import ArrayImpl
+from ._specs import is_concrete_array
 
 
 ENV_VAR = "EQPAR_PLACEMENT_CACHE_BYTES"
@@ -60,14 +60,12 @@ def _initial_bound() -> int:
 class _Copy:
     """One placed copy of one source array for one target sharding."""
 
-    __slots__ = ("key", "copy", "nbytes", "views")
+    __slots__ = ("key", "copy", "nbytes")
 
     def __init__(self, key: tuple[int, Any], copy: Any, nbytes: int):
         self.key = key
         self.copy = copy
         self.nbytes = nbytes
-        # Views (see `_dispatch._Record`) holding this copy: dropped with it.
-        self.views: list[tuple[weakref.ref, Any]] = []
 
 
 class _Source:
@@ -81,6 +79,7 @@ class _Source:
 _sources: dict[int, _Source] = {}
 _lru: "OrderedDict[tuple[int, Any], _Copy]" = OrderedDict()
 _stats = {"bytes": 0, "hits": 0, "misses": 0, "max_bytes": _initial_bound()}
+_lock = threading.RLock()
 
 
 class PlacementCacheInfo(NamedTuple):
@@ -143,6 +142,11 @@ def placement_cache(
         eqpar.placement_cache(max_bytes=previous)
         ```
     """
+    with _lock:
+        return _configure(max_bytes, clear)
+
+
+def _configure(max_bytes: int | None, clear: bool) -> PlacementCacheInfo:
     if max_bytes is not None:
         if (
             isinstance(max_bytes, bool)
@@ -175,12 +179,13 @@ def _nbytes(copy: Any) -> int:
 
 def _forget_source(key: int, ref: weakref.ref) -> None:
     """The source died: its copies go."""
-    source = _sources.get(key)
-    if source is None or source.ref is not ref:
-        return
-    for copy in list(source.copies.values()):
-        _drop(copy)
-    _sources.pop(key, None)
+    with _lock:
+        source = _sources.get(key)
+        if source is None or source.ref is not ref:
+            return
+        for copy in list(source.copies.values()):
+            _drop(copy)
+        _sources.pop(key, None)
 
 
 def _drop(copy: _Copy) -> None:
@@ -190,14 +195,9 @@ def _drop(copy: _Copy) -> None:
     source_id, target = copy.key
     source = _sources.get(source_id)
     if source is not None and source.copies.get(target) is copy:
-        del source.copies[target]
+        source.copies.pop(target, None)
         if not source.copies:
-            del _sources[source_id]
-    for ref, key in copy.views:
-        owner = ref()
-        if owner is not None:
-            owner.views.pop(key, None)
-    copy.views.clear()
+            _sources.pop(source_id, None)
 
 
 def _evict() -> None:
@@ -206,25 +206,35 @@ def _evict() -> None:
         _drop(next(iter(_lru.values())))
 
 
-def _lookup(x: Any, target: Any) -> _Copy | None:
-    source = _sources.get(id(x))
-    if source is None or source.ref() is not x:
-        return None
-    copy = source.copies.get(target)
-    if copy is None:
-        return None
-    if copy.copy.is_deleted():
-        _drop(copy)
-        return None
-    _lru.move_to_end(copy.key)
-    _stats["hits"] += 1
-    return copy
+def _lookup(x: Any, target: Any) -> Any:
+    """The cached copy of `x` placed on `target`, if there is a live one."""
+    with _lock:
+        if _stats["max_bytes"] == 0:
+            return None
+        source = _sources.get(id(x))
+        if source is None or source.ref() is not x:
+            return None
+        copy = source.copies.get(target)
+        if copy is None:
+            return None
+        if copy.copy.is_deleted():
+            _drop(copy)
+            return None
+        _lru.move_to_end(copy.key)
+        _stats["hits"] += 1
+        return copy.copy
 
 
-def _insert(x: Any, target: Any, placed: Any) -> _Copy | None:
+def _insert(x: Any, target: Any, placed: Any) -> None:
+    with _lock:
+        _stats["misses"] += 1
+        _remember(x, target, placed)
+
+
+def _remember(x: Any, target: Any, placed: Any) -> None:
     nbytes = _nbytes(placed)
     if nbytes > _stats["max_bytes"]:
-        return None
+        return
     key = id(x)
     source = _sources.get(key)
     if source is None or source.ref() is not x:
@@ -242,10 +252,9 @@ def _insert(x: Any, target: Any, placed: Any) -> _Copy | None:
     _lru[copy.key] = copy
     _stats["bytes"] += nbytes
     _evict()
-    return copy if copy.key in _lru else None
 
 
-EQUIVALENT_MEMO: dict[tuple[Any, Any, int], bool] = {}
+_equivalent_memo: dict[tuple[Any, Any, int], bool] = {}
 
 
 def equivalent(sharding: Any, target: Any, ndim: int) -> bool:
@@ -255,55 +264,49 @@ def equivalent(sharding: Any, target: Any, ndim: int) -> bool:
         return True
     key = (sharding, target, ndim)
     try:
-        return EQUIVALENT_MEMO[key]
+        return _equivalent_memo[key]
     except KeyError:
         pass
     answer = sharding.is_equivalent_to(target, ndim)
-    if len(EQUIVALENT_MEMO) >= 1024:
-        EQUIVALENT_MEMO.clear()
-    EQUIVALENT_MEMO[key] = answer
+    if len(_equivalent_memo) >= 1024:
+        _equivalent_memo.clear()
+    _equivalent_memo[key] = answer
     return answer
 
 
 def place(
-    arrays: Sequence[Any], targets: Sequence[Any], cache: bool
-) -> tuple[tuple[Any, ...], list[tuple[Any, _Copy]], bool]:
-    """`arrays` with each array leaf moved to its target sharding.
+    arrays: Sequence[Any], targets: Sequence[Any]
+) -> tuple[tuple[Any, ...], bool]:
+    """`arrays` with each array moved to its target sharding (`None`: left alone).
 
-    Returns the placed arrays, the `(source, cached copy)` pairs used, and whether
-    anything had to be placed. Leaves already there are passed as they are, and so
-    are tracers and deleted arrays (JAX then raises its own error). With `cache`,
-    copies of `jax.Array` sources are looked up and remembered; NumPy sources are
+    Returns the placed arrays and whether anything had to be moved. Arrays already
+    there are passed as they are, and so are tracers (inside an outer trace JAX
+    places them) and deleted arrays (JAX then raises its own error). Copies of
+    `jax.Array` sources are looked up in the cache and remembered; NumPy sources are
     always copied afresh.
     """
     out = list(arrays)
-    used: list[tuple[Any, _Copy]] = []
     todo: list[int] = []
-    cache = cache and _stats["max_bytes"] > 0
+    hits = False
     for i, (x, target) in enumerate(zip(arrays, targets)):
-        if type(x) is ArrayImpl:
+        if target is None:
+            continue
+        if is_concrete_array(x):
             if x.is_deleted() or equivalent(x.sharding, target, x.ndim):
                 continue
-            if cache:
-                hit = _lookup(x, target)
-                if hit is not None:
-                    out[i] = hit.copy
-                    used.append((x, hit))
-                    continue
+            hit = _lookup(x, target)
+            if hit is not None:
+                out[i], hits = hit, True
+                continue
             todo.append(i)
         elif isinstance(x, (np.ndarray, np.generic)):
             todo.append(i)
-        # anything else (a tracer inside an outer trace) is JAX's to handle
     if todo:
         moved = jax.device_put([arrays[i] for i in todo], [targets[i] for i in todo])
         for i, placed in zip(todo, moved):
             out[i] = placed
-            x = arrays[i]
             # Under an outer trace `device_put` of a concrete array is staged and
             # gives a tracer: that is no copy to remember.
-            if cache and type(x) is ArrayImpl and type(placed) is ArrayImpl:
-                _stats["misses"] += 1
-                copy = _insert(x, targets[i], placed)
-                if copy is not None:
-                    used.append((x, copy))
-    return tuple(out), used, bool(used) or bool(todo)
+            if is_concrete_array(arrays[i]) and is_concrete_array(placed):
+                _insert(arrays[i], targets[i], placed)
+    return tuple(out), hits or bool(todo)

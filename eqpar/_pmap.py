@@ -1,5 +1,5 @@
 """`filter_pmap`: one device per mapped element, as `jit(shard_map)` over a 1-D mesh
-(what `jax.pmap` itself now is), with the mapped-call plumbing of `filter_vmap`."""
+(what `jax.pmap` itself now is), with `filter_vmap`'s mapped-call plumbing."""
 
 import functools as ft
 from collections.abc import Callable, Hashable, Sequence
@@ -8,11 +8,13 @@ from typing import Any, overload
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
 from ._dispatch import (
+    Backend,
     check_donate,
     Compiled,
     decorator_or_call,
@@ -21,16 +23,18 @@ from ._dispatch import (
     transformed,
 )
 from ._errors import AxisSizeError, Checked, MeshError, SpecError
-from ._shard_map import check_context_mesh
-from ._specs import is_array
-from ._vmap import (
+from ._mapped import (
     AxisSpec,
     check_axis_name,
     check_axis_size,
     check_unmapped_outputs,
     MappedCall,
     out_axes_may_be_none,
+    require_size,
+    resolve_axes,
 )
+from ._runner import run_shard_map
+from ._specs import is_array
 
 
 _DEFAULT_AXIS_NAME = "_eqpar_pmap"
@@ -41,77 +45,101 @@ def _mesh(devices: tuple[Any, ...], axis_name: Hashable) -> Mesh:
     return Mesh(np.array(devices), (axis_name,), axis_types=(AxisType.Auto,))
 
 
-def _pmap_run(
-    in_axes: Any,
-    out_axes: Any,
-    axis_name: Hashable,
-    axis_size: int | None,
-    devices: tuple[Any, ...] | None,
-    check_unmapped: bool,
-    fun: Any,
-    args: tuple,
-    kwargs: dict,
-    context: None,
-) -> tuple[Any, list[NamedSharding] | None]:
-    del context
-    check_not_nested()
-    call = MappedCall(fun, args, kwargs, in_axes, out_axes, axis_size)
-    size = call.require_size("filter_pmap")
-    available = devices if devices is not None else tuple(jax.devices())
-    if size > len(available):
-        raise AxisSizeError(
-            f"filter_pmap maps an axis of size {size}, one element per device, "
-            f"but only {len(available)} devices are available. Use a mapped size of "
-            f"at most {len(available)}, or split the batch over devices instead "
-            "(`filter_shard_map` with a `PartitionSpec`, or `filter_vmap` inside "
-            "`filter_pmap` over a reshaped batch)."
+class _Pmap:
+    """`filter_pmap`'s backend for one set of options."""
+
+    def __init__(
+        self,
+        in_axes: Any,
+        out_axes: Any,
+        axis_name: Hashable,
+        axis_size: int | None,
+        devices: tuple[Any, ...] | None,
+    ):
+        self.in_axes = in_axes
+        self.out_axes = out_axes
+        self.axis_name = axis_name
+        self.axis_size = axis_size
+        self.devices = devices
+        self.check_unmapped = out_axes_may_be_none(out_axes)
+
+    def mesh(self, size: int) -> Mesh:
+        """The first `size` devices, one per element."""
+        available = self.devices if self.devices is not None else tuple(jax.devices())
+        if size > len(available):
+            raise AxisSizeError(
+                f"filter_pmap maps an axis of size {size}, one element per device, "
+                f"but only {len(available)} devices are available. Use a mapped size "
+                f"of at most {len(available)}, or split the batch over devices "
+                "instead (`filter_shard_map` with a `PartitionSpec`, or `filter_vmap` "
+                "inside `filter_pmap` over a reshaped batch)."
+            )
+        return _mesh(tuple(available[:size]), self.axis_name)
+
+    def run(self, fun: Any, args: tuple, kwargs: dict, context: None) -> Any:
+        del context
+        check_not_nested()
+        call = MappedCall(
+            fun, args, kwargs, self.in_axes, self.out_axes, self.axis_size
         )
-    if size == 0:
-        # No element, so no device to run on: empty outputs, as from filter_vmap,
-        # filter_shard_map and Parallel (a mesh of zero devices cannot be built).
-        return call.finish(*call.vmap(axis_name, 0)(call.mapped)), None
-    if check_unmapped:
-        # pmap runs without replication typing (per-device gradients, as
-        # `jax.pmap`), so an out_axes=None output is checked by a shapes-only trace
-        # under vmap, the same rule as filter_vmap's.
-        check_unmapped_outputs(call, axis_name, size, "filter_pmap")
-    mesh = _mesh(tuple(available[:size]), axis_name)
-    axis_of = dict(zip(call.index, call.axes))
+        size = call.require_size("filter_pmap")
+        name = self.axis_name
+        if size == 0:
+            # No element, so no device to run on: empty outputs, as from filter_vmap,
+            # filter_shard_map and Parallel (a mesh of zero devices cannot be built).
+            return call.finish(*call.vmap(name, 0)(call.mapped))
+        mesh = self.mesh(size)
+        if self.check_unmapped:
+            # pmap runs without replication typing (per-device gradients, as
+            # `jax.pmap`), so an out_axes=None output is checked by a shapes-only
+            # trace under vmap, the same rule as filter_vmap's.
+            check_unmapped_outputs(call, name, size, "filter_pmap")
+        # Mapped leaves go in with their axis moved first (one row per device), then
+        # the broadcast arrays, replicated.
+        inputs = [jnp.moveaxis(x, a, 0) for x, a in zip(call.mapped, call.axes)]
+        inputs += [call.leaves[i] for i in call.broadcast_index]
+        n_mapped = len(call.index)
+        specs = [P(name)] * n_mapped + [P()] * len(call.broadcast_index)
 
-    # Mapped leaves go in with their axis moved first (one row per device), then the
-    # broadcast arrays, replicated. `shardings` says where the outer jit's inputs
-    # (all array leaves, in flatten order) belong, for placing unplaced inputs.
-    inputs = [jnp.moveaxis(x, a, 0) for x, a in zip(call.mapped, call.axes)]
-    inputs += [call.leaves[i] for i in call.broadcast_index]
-    in_specs = [P(axis_name)] * len(call.index) + [P()] * len(call.broadcast_index)
-    shardings = [
-        NamedSharding(mesh, P(*[None] * axis_of[i], axis_name) if i in axis_of else P())
-        for i, leaf in enumerate(call.leaves)
-        if is_array(leaf)
-    ]
-    n_in = len(call.index)
-    # Filled while JAX traces `body`: shard_map reads `out_specs` only after the body
-    # has run, which lets the specs follow an output structure unknown beforehand.
-    # (tests/test_shard_map.py pins this behaviour of JAX.)
-    out_specs: list[Any] = []
+        def per_device(*blocks: Any) -> tuple[list[Any], list[Any]]:
+            mapped_out, unmapped_out = call.inner(
+                [b[0] for b in blocks[:n_mapped]], blocks[n_mapped:]
+            )
+            return [x[None] for x in mapped_out], list(unmapped_out)
 
-    def body(*values: Any) -> list[Any]:
-        mapped_out, unmapped_out = call.inner(
-            [v[0] for v in values[:n_in]], values[n_in:]
+        def out_specs(out: tuple[list[Any], list[Any]]) -> list[P]:
+            return [P(name)] * len(out[0]) + [P()] * len(out[1])
+
+        mapped_out, unmapped_out = run_shard_map(
+            per_device,
+            inputs,
+            specs,
+            out_specs,
+            mesh=mesh,
+            check_vma=False,
+            who="filter_pmap",
         )
-        out_specs[:] = [P(axis_name)] * len(mapped_out) + [P()] * len(unmapped_out)
-        return [x[None] for x in mapped_out] + list(unmapped_out)
+        return call.finish(mapped_out, unmapped_out)
 
-    check_context_mesh(mesh, "filter_pmap")
-    outs = jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=tuple(in_specs),
-        out_specs=out_specs,
-        check_vma=False,
-    )(*inputs)
-    n_mapped_out = out_specs.count(P(axis_name))
-    return call.finish(outs[:n_mapped_out], outs[n_mapped_out:]), shardings
+    def _split(self, axis: int, leaf: Any) -> P:
+        return P(*[None] * (axis % np.ndim(leaf)), self.axis_name)
+
+    def targets(
+        self, fun: Any, args: tuple, kwargs: dict, context: None
+    ) -> list[NamedSharding | None] | None:
+        """Mapped arrays split along their mapped axis, the others replicated (a
+        key that `split_key` expands is an input of the program as it is)."""
+        del context
+        axes, _, size = resolve_axes(fun, args, kwargs, self.in_axes, self.axis_size)
+        size = require_size(size, "filter_pmap")
+        if size == 0:
+            return None
+        mesh = self.mesh(size)
+        return [
+            NamedSharding(mesh, P() if axis is None else self._split(axis, leaf))
+            for leaf, axis in zip(jtu.tree_leaves((fun, args, kwargs)), axes)
+            if is_array(leaf)
+        ]
 
 
 @overload
@@ -205,16 +233,8 @@ def filter_pmap(
     options = (in_axes, out_axes, name, axis_size, devs, donate)
 
     def make() -> Compiled:
-        run = ft.partial(
-            _pmap_run,
-            in_axes,
-            out_axes,
-            name,
-            axis_size,
-            devs,
-            out_axes_may_be_none(out_axes),
-        )
-        return Compiled(run, donate=donate)
+        backend = _Pmap(in_axes, out_axes, name, axis_size, devs)
+        return Compiled(Backend(backend.run, targets=backend.targets), donate=donate)
 
     caller = shared("pmap", options, make)
     return decorator_or_call(fun, lambda f: transformed(f, caller), "filter_pmap")

@@ -15,14 +15,17 @@ leaf's shape or dtype, and the compiled cache keys on shapes for free.
 """
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.core
 import jax.tree_util as jtu
 import numpy as np
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
-from ._errors import AxisSizeError, SpecError
+from ._errors import AxisSizeError, MeshError, SpecError
 
 
 # ----------------------------------------------------------------------------------
@@ -45,6 +48,24 @@ def is_array(x: Any) -> bool:
         return False
     answer = isinstance(x, (jax.Array, np.ndarray, np.generic))
     (_ARRAY_TYPES if answer else _STATIC_TYPES).add(t)
+    return answer
+
+
+_CONCRETE_TYPES: set[type] = set()
+_OTHER_TYPES: set[type] = set()
+
+
+def is_concrete_array(x: Any) -> bool:
+    """Whether `x` is a `jax.Array` with a value (not a tracer): the inputs that can
+    be placed, and whose buffers can be deleted or donated. Typed PRNG key arrays
+    count. Memoised on the type, like `is_array`."""
+    t = type(x)
+    if t in _CONCRETE_TYPES:
+        return True
+    if t in _OTHER_TYPES:
+        return False
+    answer = isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+    (_CONCRETE_TYPES if answer else _OTHER_TYPES).add(t)
     return answer
 
 
@@ -324,3 +345,79 @@ def check_int_axes(
             "`None` in its spec."
         )
     return sizes[0][2]
+
+
+# ----------------------------------------------------------------------------------
+# PartitionSpecs against a mesh and an array (shard_map, placement)
+
+AnyMesh = Mesh | AbstractMesh
+
+
+def as_pspec(spec: Any, where: Callable[[], str], what: str) -> P:
+    """A resolved spec leaf as a `PartitionSpec` (`None` means `P()`)."""
+    if spec is None:
+        return P()
+    if isinstance(spec, P):
+        return spec
+    raise SpecError(
+        f"{what} resolved to {spec!r} for {where()}; a shard_map spec must be a "
+        "`jax.sharding.PartitionSpec` (or None, meaning P(): replicated)."
+    )
+
+
+def spec_axes(spec: P) -> list[Any]:
+    """The mesh axes a `PartitionSpec` names, in order (repeats kept)."""
+    names: list[Any] = []
+    for entry in spec:
+        if entry is None:
+            continue
+        names.extend(entry if isinstance(entry, tuple) else (entry,))
+    return names
+
+
+def check_spec(spec: P, mesh: AnyMesh, where: Callable[[], str], what: str) -> None:
+    """Raises eqpar errors for a spec that uses a mesh axis twice or names one the
+    mesh lacks (checked before sizes: a repeated axis is the real mistake behind
+    an odd size error)."""
+    axes = spec_axes(spec)
+    repeated = sorted({str(a) for a in axes if axes.count(a) > 1})
+    if repeated:
+        raise SpecError(
+            f"{what} gives {spec} for {where()}, which uses mesh axes {repeated} more "
+            "than once. Each mesh axis can split at most one dimension of an array: "
+            "split one dimension over several axes with a tuple (e.g. "
+            "`P(('data', 'model'))`), or use each axis once."
+        )
+    unknown = [a for a in axes if a not in mesh.axis_names]
+    if unknown:
+        raise MeshError(
+            f"{what} gives {spec} for {where()}, which names mesh axes {unknown} that "
+            f"the mesh does not have; its axes are {tuple(mesh.axis_names)} (sizes "
+            f"{dict(mesh.shape)})."
+        )
+
+
+def check_divides(
+    spec: P, shape: tuple[int, ...], mesh: AnyMesh, where: Callable[[], str], what: str
+) -> None:
+    """Raises eqpar errors for a spec that does not fit an array of `shape`."""
+    if len(spec) > len(shape):
+        raise SpecError(
+            f"{what} gives {spec} ({len(spec)} dimensions) for {where()}, which has "
+            f"shape {shape} (rank {len(shape)}). A spec may not be longer than the "
+            "array's rank."
+        )
+    for dim, entry in enumerate(spec):
+        if entry is None:
+            continue
+        axes = entry if isinstance(entry, tuple) else (entry,)
+        devices = math.prod(mesh.shape[a] for a in axes)
+        if shape[dim] % devices:
+            raise AxisSizeError(
+                f"{where()} has size {shape[dim]} along dimension {dim}, which {what} "
+                f"({spec}) splits over mesh axes {axes} of {devices} devices; "
+                f"{shape[dim]} is not a multiple of {devices}. Pad it to a multiple "
+                f"of {devices} (e.g. `eqpar.pad_batch`, which also returns the "
+                "number of real rows) and ignore the padded rows, or let "
+                "`eqpar.Parallel` pad and trim for you."
+            )

@@ -1,255 +1,19 @@
-"""`filter_vmap`: the `jax.vmap` backend, and the mapped-call plumbing it shares with
-`filter_pmap` (both map one axis per leaf with int/None specs)."""
+"""`filter_vmap`: `jax.vmap` over filtered pytrees, eager like `jax.vmap`, with
+chunked (memory-bounded) maps."""
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from typing import Any, Literal, overload
 
 import equinox as eqx
 import jax
 import jax.core
-import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
-from ._chunking import (
-    check_memory_budget,
-    ChunkCache,
-    LEGACY,
-    per_example_keys,
-    run_chunked,
-    SPLIT,
-)
-from ._dispatch import Compiled, decorator_or_call, shared, transformed
-from ._errors import AxisSizeError, Checked, SpecError
-from ._specs import (
-    check_int_axes,
-    is_array,
-    leaf_names,
-    resolve_call_specs,
-    resolve_out_specs,
-)
-
-
-AxisSpec = int | None | Callable[[Any], int | None]
-
-_MAPPED = "mapped"
-_UNMAPPED = "unmapped"
-
-
-def check_axis_size(axis_size: Any, who: str) -> None:
-    if axis_size is not None and (
-        isinstance(axis_size, bool) or not isinstance(axis_size, int) or axis_size < 0
-    ):
-        raise SpecError(
-            f"{who}: `axis_size` must be a non-negative int (or None to take it "
-            f"from the mapped arguments), got {axis_size!r}."
-        )
-
-
-def check_axis_name(axis_name: Any, who: str) -> None:
-    try:
-        hash(axis_name)
-    except TypeError:
-        raise SpecError(
-            f"{who}: `axis_name` must be hashable (a string, usually), got "
-            f"{axis_name!r}."
-        ) from None
-
-
-def out_axes_may_be_none(out_axes: Any) -> bool:
-    """Whether `out_axes` may resolve to `None` for an array output (only then is
-    there an unmapped output to check)."""
-    leaves = jtu.tree_leaves(out_axes, is_leaf=lambda x: x is None)
-    return not all(
-        (isinstance(a, int) and not isinstance(a, bool)) or isinstance(a, eqx.if_array)
-        for a in leaves
-    )
-
-
-class MappedCall:
-    """`fun(*args, **kwargs)` split for a one-axis map.
-
-    Resolves `in_axes` over the call's leaves and checks them; `inner` is the
-    per-element function over the mapped leaves (axes already removed) that returns
-    `(mapped_outputs, unmapped_array_outputs)`; `finish` puts the mapped axis of each
-    output where `out_axes` asks and rebuilds the output pytree. Unmapped array
-    leaves are not inputs of the map: `inner` closes over them, so outside `jit`
-    they stay concrete, as under `jax.vmap` and `equinox.filter_vmap`.
-    """
-
-    def __init__(
-        self,
-        fun: Any,
-        args: tuple,
-        kwargs: dict,
-        in_axes: Any,
-        out_axes: Any,
-        axis_size: int | None,
-    ):
-        self.leaves, self.treedef = jtu.tree_flatten((fun, args, kwargs))
-        axes = resolve_call_specs(
-            in_axes, fun, args, kwargs, default=eqx.if_array(0), what="in_axes"
-        )
-        names = lambda: leaf_names(fun, args, kwargs)  # noqa: E731
-        keys = [i for i, a in enumerate(axes) if a is SPLIT or a is LEGACY]
-        for i in keys:
-            if axes[i] is LEGACY:
-                raise SpecError(
-                    f"in_axes gives `eqpar.split_key` for {names()[i]}, a uint32[2] "
-                    "array: a legacy `jax.random.PRNGKey`. Only typed keys are split "
-                    "into one key per example: pass `jax.random.key(seed)`, or "
-                    "`jax.random.wrap_key_data(key)` for an existing one."
-                )
-            axes[i] = None
-        size = check_int_axes(axes, self.leaves, names, "in_axes")
-        if size is not None and axis_size is not None and size != axis_size:
-            raise AxisSizeError(
-                f"`axis_size={axis_size}` was given but the mapped arguments have "
-                f"size {size} along their mapped axes."
-            )
-        # None: nothing is mapped and no size was given (see `require_size`).
-        self.size: int | None = size if size is not None else axis_size
-        if keys and self.size is None:
-            raise SpecError(
-                f"in_axes gives `eqpar.split_key` for {names()[keys[0]]}, but no "
-                "other argument is mapped and `axis_size` was not given, so the "
-                "number of per-example keys is unknown. Map the batch, or pass "
-                "`axis_size=`."
-            )
-        for i in keys:  # one key per example, by its index: the same in any chunk
-            assert self.size is not None
-            self.leaves[i] = per_example_keys(self.leaves[i], self.size)
-            axes[i] = 0
-        self.index = [i for i, a in enumerate(axes) if a is not None]
-        self.broadcast_index = [
-            i for i, a in enumerate(axes) if a is None and is_array(self.leaves[i])
-        ]
-        self.mapped = [self.leaves[i] for i in self.index]
-        self.axes = [axes[i] % jnp.ndim(self.leaves[i]) for i in self.index]
-        self.out_axes_spec = out_axes
-        self._out: tuple[Any, list[Any], list[Any], list[str]] | None = None
-
-    def require_size(self, who: str) -> int:
-        if self.size is None:
-            raise SpecError(
-                f"{who}: no argument is mapped (every array leaf has axis None) and "
-                "`axis_size` was not given, so the size of the mapped axis is "
-                "unknown. Map at least one argument, or pass `axis_size=`."
-            )
-        return self.size
-
-    def inner(
-        self, mapped: list[Any], broadcast: Sequence[Any] | None = None
-    ) -> tuple[list[Any], list[Any]]:
-        """The call on one element. `broadcast`, when given, replaces the unmapped
-        array leaves (e.g. by their per-device copies inside `shard_map`)."""
-        leaves = list(self.leaves)
-        for i, value in zip(self.index, mapped):
-            leaves[i] = value
-        if broadcast is not None:
-            for i, value in zip(self.broadcast_index, broadcast):
-                leaves[i] = value
-        fun, args, kwargs = jtu.tree_unflatten(self.treedef, leaves)
-        out = fun(*args, **kwargs)
-        paths, out_def = jtu.tree_flatten_with_path(out)
-        out_axes = resolve_out_specs(self.out_axes_spec, out, "out_axes", numbers=True)
-        kinds, axes, mapped_out, unmapped_out, unmapped_paths = [], [], [], [], []
-        for (path, leaf), axis in zip(paths, out_axes):
-            if axis is None:
-                if is_array(leaf):
-                    kinds.append(_UNMAPPED)
-                    unmapped_out.append(leaf)
-                    unmapped_paths.append(jtu.keystr(path) or "(root)")
-                else:
-                    kinds.append(leaf)
-            elif isinstance(axis, int) and not isinstance(axis, bool):
-                # An int on a Python number broadcasts it, as in Equinox.
-                kinds.append(_MAPPED)
-                axes.append(axis)
-                mapped_out.append(jnp.asarray(leaf))
-            else:
-                raise SpecError(
-                    f"out_axes resolved to {axis!r} for the output at "
-                    f"{jtu.keystr(path) or '(root)'}; it must be an int or None."
-                )
-        self._out = (out_def, kinds, axes, unmapped_paths)
-        return mapped_out, unmapped_out
-
-    def finish(self, mapped_out: list[Any], unmapped_out: list[Any]) -> Any:
-        """Rebuilds the output; `mapped_out` carry the mapped axis first."""
-        assert self._out is not None
-        out_def, kinds, axes, _ = self._out
-        moved = []
-        for x, axis in zip(mapped_out, axes):
-            if not -x.ndim <= axis < x.ndim:
-                raise SpecError(
-                    f"out_axes asks to put the mapped axis at position {axis} of an "
-                    f"output of rank {x.ndim} (mapped axis included)."
-                )
-            moved.append(jnp.moveaxis(x, 0, axis))
-        mapped_it, unmapped_it = iter(moved), iter(unmapped_out)
-        leaves = [
-            next(mapped_it)
-            if k is _MAPPED
-            else next(unmapped_it)
-            if k is _UNMAPPED
-            else k
-            for k in kinds
-        ]
-        return jtu.tree_unflatten(out_def, leaves)
-
-    def vmap(self, axis_name: Hashable | None, size: int) -> Callable[..., Any]:
-        """`inner` under `jax.vmap` over the mapped leaves (axes as given)."""
-        return jax.vmap(
-            self.inner,
-            in_axes=(self.axes,),
-            out_axes=(0, None),
-            axis_name=axis_name,
-            axis_size=size,
-        )
-
-    def unmapped_error(
-        self, error: ValueError, axis_name: Hashable | None, size: int, who: str
-    ) -> Exception:
-        """Turns JAX's complaint about a mapped output with `out_axes=None` into an
-        eqpar error naming the output (found by tracing each candidate alone)."""
-        if "out_axes" not in str(error) or self._out is None:
-            return error
-        culprits = []
-        for j, path in enumerate(self._out[3]):
-            probe = jax.vmap(
-                lambda m, j=j: self.inner(m)[1][j],
-                in_axes=(self.axes,),
-                out_axes=None,
-                axis_name=axis_name,
-                axis_size=size,
-            )
-            try:
-                jax.eval_shape(probe, self.mapped)
-            except ValueError:
-                culprits.append(path)
-        if not culprits:
-            return error
-        return SpecError(
-            f"{who}: out_axes is None for the output at {', '.join(culprits)}, but "
-            "it depends on the mapped element, so it has no single value to "
-            "return. Give it an int out_axes (e.g. 0) to return every element's "
-            "value, or reduce it over the axis first (e.g. `eqpar.pmean(y, "
-            "axis_name)` with `axis_name=` set)."
-        )
-
-
-def check_unmapped_outputs(
-    call: MappedCall, axis_name: Hashable | None, size: int, who: str
-) -> None:
-    """Traces `call` under `jax.vmap` (shapes only) so that an `out_axes=None`
-    output that depends on the mapped element raises, as under `filter_vmap`."""
-    try:
-        jax.eval_shape(call.vmap(axis_name, size), call.mapped)
-    except ValueError as e:
-        error = call.unmapped_error(e, axis_name, size, who)
-        if error is not e:
-            raise error from None
+from ._chunking import check_memory_budget, ChunkCache, run_chunked
+from ._dispatch import Backend, Compiled, decorator_or_call, shared, transformed
+from ._errors import Checked, SpecError
+from ._mapped import AxisSpec, check_axis_name, check_axis_size, MappedCall
 
 
 class _VmapCaller:
@@ -275,13 +39,11 @@ class _VmapCaller:
         self.axis_size = axis_size
         self.chunk_size = chunk_size
         self.auto = ChunkCache(memory_budget) if chunk_size == "auto" else None
-        self.compiled = None if chunk_size is None else Compiled(self._traced)
+        self.compiled = None if chunk_size is None else Compiled(Backend(self._traced))
 
-    def _traced(
-        self, fun: Any, args: tuple, kwargs: dict, context: None
-    ) -> tuple[Any, None]:
+    def _traced(self, fun: Any, args: tuple, kwargs: dict, context: None) -> Any:
         del context
-        return self(fun, args, kwargs), None
+        return self(fun, args, kwargs)
 
     def chunk_for(self, call: MappedCall, size: int) -> int | None:
         """The chunk this call maps at a time (`None`: all at once)."""
@@ -492,7 +254,7 @@ def chosen_chunk_size(fun: Callable[..., Any], /, *args: Any, **kwargs: Any) -> 
     target, bound = fun, ()
     if isinstance(target, eqx.Partial):  # a method: the instance comes first
         target, bound = target.func, tuple(target.args)
-    caller = getattr(target, "_compiled", None)
+    caller = getattr(target, "_caller", None)
     if not isinstance(caller, _VmapCaller):
         raise SpecError(
             f"chosen_chunk_size takes a function made by `eqpar.filter_vmap`, got "

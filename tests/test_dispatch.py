@@ -1,0 +1,426 @@
+"""The dispatch core is sound: what it caches is keyed as finely as `jax.jit`'s own
+cache (weak types, x64, the context mesh), a program runs exactly once per call,
+every compiling transform can be called from many threads with any shapes, a donated
+input used again is an eqpar error, typed keys go in and out, and wrappers keep what
+Equinox's keep."""
+
+import json
+import pathlib
+import subprocess
+import sys
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import eqpar
+
+from .helpers import TraceCounter
+
+
+N = 8
+AUTO = jax.make_mesh((N,), ("data",), axis_types=(AxisType.Auto,))
+
+
+def _model(seed=0):
+    return eqx.nn.MLP(4, 3, 8, 1, key=jax.random.key(seed))
+
+
+def _apply(m, x):
+    return jax.vmap(m)(x)
+
+
+def _transforms(fun):
+    """Each compiling transform of `fun(model, x)` with `x` a batch of rows, and how
+    its output compares with `jax.vmap(model)(x)` (`(function, to_rows)`). Built
+    afresh on every call, so each test starts with a cold cache."""
+    pmapped = eqpar.filter_pmap(fun, in_axes=(None, 0))
+    return {
+        "filter_jit": (eqpar.filter_jit(fun), lambda y: y),
+        "filter_shard_map": (
+            eqpar.filter_shard_map(
+                fun, mesh=AUTO, in_specs=(P(), P("data")), out_specs=P("data")
+            ),
+            lambda y: y,
+        ),
+        "filter_pmap": (
+            lambda m, x: pmapped(m, x.reshape(N, -1, x.shape[-1])),
+            lambda y: y.reshape(-1, y.shape[-1]),
+        ),
+        "Parallel": (eqpar.Parallel(fun, in_axes=(None, 0)), lambda y: y),
+    }
+
+
+TRANSFORMS = ["filter_jit", "filter_shard_map", "filter_pmap", "Parallel"]
+
+
+# ----------------------------------------------------------------------------------
+# Threads
+
+
+def _fresh_apply():
+    """A new function object per test: programs are keyed by it, so its cache is
+    cold."""
+
+    def apply(m, x):
+        return jax.vmap(m)(x)
+
+    return apply
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_threads_with_mixed_shapes_give_what_serial_calls_give(name, warm):
+    f, rows = _transforms(_fresh_apply())[name]
+    model = _model()
+    batches = [
+        jax.random.normal(jax.random.key(i), (size, 4))
+        for i, size in enumerate([8, 16, 24, 32, 8, 16])
+    ]
+    expected = [jax.vmap(model)(x) for x in batches]
+    if warm:
+        for x in batches:
+            f(model, x)
+    jobs = [i % len(batches) for i in range(4 * 30)]
+    start = threading.Barrier(4)
+
+    def run(worker: int) -> list[tuple[int, object]]:
+        start.wait()
+        return [(i, rows(f(model, batches[i]))) for i in jobs[worker::4]]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [r for rs in pool.map(run, range(4)) for r in rs]
+    assert len(results) == len(jobs)
+    for i, out in results:
+        np.testing.assert_allclose(out, expected[i], rtol=1e-5, atol=1e-6)
+
+
+def test_threads_building_wrappers_inline_share_one_trace():
+    counter = TraceCounter(_apply)
+    model, x = _model(), jnp.ones((16, 4))
+
+    def run(_: int) -> object:
+        return [eqpar.filter_jit(counter)(model, x) for _ in range(20)]
+
+    with ThreadPoolExecutor(4) as pool:
+        for outs in pool.map(run, range(4)):
+            for out in outs:
+                np.testing.assert_allclose(out, jax.vmap(model)(x), rtol=1e-6)
+    assert counter.count == 1
+
+
+# ----------------------------------------------------------------------------------
+# Keyed as finely as jax.jit
+
+
+def _weakness(x):
+    return x + 1, "weak" if jax.typeof(x).weak_type else "strong"
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_a_static_output_follows_weak_types_as_jax_jit_does(name):
+    if name == "filter_jit":
+        f = eqpar.filter_jit(_weakness)
+        call = f
+    elif name == "filter_shard_map":
+        f = eqpar.filter_shard_map(
+            _weakness, mesh=AUTO, in_specs=P(), out_specs=P(), check_vma=False
+        )
+        call = f
+    elif name == "filter_pmap":
+        f = eqpar.filter_pmap(_weakness, in_axes=None, out_axes=None, axis_size=2)
+        call = f
+    else:
+        f = eqpar.Parallel(
+            lambda b, x: (b + x, _weakness(x)[1]), in_axes=(0, None), reduce="concat"
+        )
+        call = lambda x: f(jnp.zeros(N), x)  # noqa: E731
+    strong, weak = jnp.float32(1.0), jnp.asarray(1.0)
+    assert not jax.typeof(strong).weak_type and jax.typeof(weak).weak_type
+    answers = [call(x)[1] for x in (strong, weak, strong, weak)]
+    assert answers == ["strong", "weak", "strong", "weak"]
+    # Equinox gives the same.
+    eqx_f = eqx.filter_jit(_weakness)
+    assert [eqx_f(x)[1] for x in (strong, weak, strong)] == ["strong", "weak", "strong"]
+
+
+def test_x64_changes_give_jax_jits_answers():
+    def f(x):
+        return x + 1, jnp.zeros(()).dtype.name
+
+    ours, raw = eqpar.filter_jit(f), jax.jit(lambda x: (x + 1, jnp.zeros(())))
+    x = np.ones(3)  # NumPy float64: canonicalised by the x64 flag
+    out32, name32 = ours(x)
+    with jax.enable_x64(True):
+        out64, name64 = ours(x)
+        assert out64.dtype == raw(x)[0].dtype == jnp.float64
+        assert name64 == raw(x)[1].dtype.name == "float64"
+    again, name_again = ours(x)
+    assert out32.dtype == again.dtype == jnp.float32
+    assert name32 == name_again == "float32"
+
+
+def test_the_context_mesh_is_part_of_the_key():
+    def f(x):
+        return x * 2, str(jax.sharding.get_abstract_mesh().axis_names)
+
+    ours = eqpar.filter_jit(f)
+    x = jnp.ones(8)
+    assert ours(x)[1] == "()"
+    with jax.set_mesh(AUTO):
+        assert ours(x)[1] == "('data',)"
+    assert ours(x)[1] == "()"
+    assert eqx.filter_jit(f)(x)[1] == "()"
+
+
+def test_a_context_mesh_picks_the_program_of_filter_shard_map():
+    f = eqpar.filter_shard_map(
+        lambda x: eqpar.psum(x.sum(), "data"), in_specs=P("data"), out_specs=P()
+    )
+    x = jnp.arange(16.0)
+    with jax.set_mesh(AUTO):
+        assert f(x) == x.sum()
+    four = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+    with jax.set_mesh(four):
+        out = f(x)
+    assert out == x.sum() and len(out.sharding.device_set) == 4
+
+
+# ----------------------------------------------------------------------------------
+# Exactly once
+
+
+@pytest.mark.programs
+@pytest.mark.parametrize("mode", ["raise", "ok"])
+def test_a_program_runs_exactly_once_per_call(mode):
+    """A host callback (raising or not) runs as often per eqpar call as per call of
+    the same program in raw JAX, for every compiling transform: a failed program
+    is never run again. In a process of its own, since a failed callback leaves
+    JAX's effect tokens failed for the rest of the process."""
+    worker = pathlib.Path(__file__).with_name("_callback_worker.py")
+    done = subprocess.run(
+        [sys.executable, str(worker), mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(counts) == set(TRANSFORMS)
+    for name, (raw, first, cached) in counts.items():
+        assert raw >= 1, name
+        assert first == cached == raw, (name, counts[name])
+
+
+# ----------------------------------------------------------------------------------
+# Alternating shapes
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_alternating_shapes_trace_once_each_and_stay_right(name):
+    counter = TraceCounter(_apply)
+    f, rows = _transforms(counter)[name]
+    model = _model()
+    small, large = jnp.ones((32, 4)), jnp.linspace(-1, 1, 256).reshape(64, 4)
+    for _ in range(5):
+        for x in (small, large):
+            np.testing.assert_allclose(
+                rows(f(model, x)), jax.vmap(model)(x), rtol=1e-5, atol=1e-6
+            )
+    assert counter.count == 2
+
+
+# ----------------------------------------------------------------------------------
+# Donation
+
+
+def _donating(name):
+    """A donating step `(model, x) -> (model, y)` and the shape of its `x`."""
+
+    def step(m, x):
+        return m, jax.vmap(jax.vmap(m))(x)
+
+    if name == "filter_jit":
+        return eqpar.filter_jit(step, donate="all"), (N, 2, 4)
+    if name == "filter_shard_map":
+        return eqpar.filter_shard_map(
+            step,
+            mesh=AUTO,
+            in_specs=(P(), P("data")),
+            out_specs=(P(), P("data")),
+            donate="all",
+        ), (N, 2, 4)
+    if name == "filter_pmap":
+        pmapped = eqpar.filter_pmap(
+            lambda m, x: (m, jax.vmap(m)(x)),
+            in_axes=(None, 0),
+            out_axes=(None, 0),
+            donate="all",
+        )
+        return pmapped, (N, 2, 4)
+    return eqpar.Parallel(
+        step,
+        in_axes=(None, 0),
+        reduce="first",
+        mesh=AUTO,
+        axis_name="data",
+        donate="all",
+        check_vma=False,
+    ), (N, 2, 4)
+
+
+def _placed(x):
+    return jax.device_put(x, NamedSharding(AUTO, P("data")))
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_a_donated_input_used_again_is_an_eqpar_error(name):
+    f, shape = _donating(name)
+    params, static = eqx.partition(_model(), eqx.is_array)
+    placed = eqx.combine(jax.device_put(params, NamedSharding(AUTO, P())), static)
+    model, _ = f(placed, _placed(jnp.ones(shape)))  # donates placed's arrays
+    assert placed.layers[0].weight.is_deleted()
+    with pytest.raises(eqpar.DeletedArrayError, match="donated.*in its place"):
+        f(placed, _placed(jnp.ones(shape)))
+    gone = _placed(jnp.ones(shape))
+    gone.delete()
+    with pytest.raises(eqpar.DeletedArrayError, match="argument `x` at"):
+        f(model, gone)
+    x = _placed(jnp.linspace(0.0, 1.0, np.prod(shape)).reshape(shape))
+    np.testing.assert_allclose(  # the returned model is fine
+        jax.vmap(model)(x.reshape(-1, 4)),
+        jax.vmap(_model())(x.reshape(-1, 4)),
+        rtol=1e-6,
+    )
+
+
+def test_donating_a_copy_warns_with_eqpars_warning_at_the_callers_line():
+    f, shape = _donating("filter_shard_map")
+    model = _model()  # on one device: placed (copied) before it can be donated
+    with pytest.warns(eqpar.EqparWarning, match="copied there first") as record:
+        f(model, jnp.ones(shape))
+    assert record[0].filename == __file__
+
+
+# ----------------------------------------------------------------------------------
+# Typed keys
+
+
+def test_typed_keys_go_in_and_out_of_every_transform():
+    key = jax.random.key(0)
+    keys = jax.random.split(key, N)
+
+    def draw(k):
+        return jax.random.split(k), jax.random.normal(k, (2,))
+
+    out_keys, values = eqpar.filter_jit(draw)(key)
+    ref_keys, ref_values = draw(key)
+    assert jnp.array_equal(jax.random.key_data(out_keys), jax.random.key_data(ref_keys))
+    np.testing.assert_array_equal(values, ref_values)
+
+    ref = jax.vmap(draw)(keys)
+    for f in (
+        eqpar.filter_pmap(draw),
+        eqpar.filter_shard_map(
+            lambda k: jax.vmap(draw)(k),
+            mesh=AUTO,
+            in_specs=P("data"),
+            out_specs=P("data"),
+        ),
+        eqpar.Parallel(lambda k: jax.vmap(draw)(k), in_axes=0),
+    ):
+        for _ in range(2):
+            got_keys, got = f(keys)
+            assert jnp.array_equal(
+                jax.random.key_data(got_keys), jax.random.key_data(ref[0])
+            )
+            np.testing.assert_array_equal(got, ref[1])
+
+
+def test_typed_key_committed_elsewhere_is_placed():
+    keys = jax.device_put(jax.random.split(jax.random.key(1), N), jax.devices()[3])
+    f = eqpar.filter_shard_map(
+        lambda k: jax.vmap(lambda k: jax.random.normal(k))(k),
+        mesh=AUTO,
+        in_specs=P("data"),
+        out_specs=P("data"),
+    )
+    expected = jax.vmap(lambda k: jax.random.normal(k))(keys)
+    for _ in range(2):
+        np.testing.assert_array_equal(f(keys), expected)
+
+
+# ----------------------------------------------------------------------------------
+# Wrappers
+
+
+def _annotated(x: jax.Array, n: int = 2) -> jax.Array:
+    """Doubles."""
+    return x * n
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        eqpar.filter_jit,
+        eqpar.filter_vmap,
+        eqpar.filter_pmap,
+        lambda f: eqpar.filter_shard_map(f, mesh=AUTO, in_specs=P(), out_specs=P()),
+    ],
+    ids=["filter_jit", "filter_vmap", "filter_pmap", "filter_shard_map"],
+)
+def test_wrappers_keep_what_equinox_keeps(make):
+    ours, theirs = make(_annotated), eqx.filter_jit(_annotated)
+    for name in (
+        "__name__",
+        "__qualname__",
+        "__doc__",
+        "__module__",
+        "__annotations__",
+    ):
+        assert getattr(ours, name) == getattr(theirs, name) == getattr(_annotated, name)
+    assert ours.__wrapped__ is _annotated
+    # Also after being flattened and rebuilt (e.g. through filter_jit).
+    rebuilt = jtu.tree_unflatten(*reversed(jtu.tree_flatten(ours)))
+    assert rebuilt.__annotations__ == _annotated.__annotations__
+    assert rebuilt.__name__ == "_annotated"
+    passed = eqpar.filter_jit(lambda w: (w.__annotations__, w.__name__))(ours)
+    assert passed == (_annotated.__annotations__, "_annotated")
+
+
+def test_a_wrapper_built_inline_is_a_real_module():
+    a = eqpar.filter_jit(_annotated)
+    b = eqpar.filter_jit(_annotated)  # rebuilt from the first one's structure
+    assert isinstance(b, eqx.Module)
+    assert jtu.tree_structure(a) == jtu.tree_structure(b)
+    assert a.__dict__.keys() == b.__dict__.keys()
+    assert b(jnp.ones(2)).tolist() == [2.0, 2.0]
+
+
+def test_a_wrapped_function_is_not_kept_alive():
+    import gc
+    import weakref
+
+    def f(x):
+        return x + 1
+
+    ref = weakref.ref(f)
+    g = eqpar.filter_jit(f)
+    g(jnp.ones(2))
+    eqpar.filter_jit(f)(jnp.ones(2))
+    del f, g
+    gc.collect()
+    assert ref() is None
+
+
+def test_no_warning_on_a_plain_call():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eqpar.filter_jit(_annotated)(jnp.ones(2))
