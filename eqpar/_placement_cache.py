@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from ._specs import is_concrete_array
+from ._specs import CONCRETE_TYPES, is_concrete_array
 
 
 ENV_VAR = "EQPAR_PLACEMENT_CACHE_BYTES"
@@ -272,6 +272,22 @@ def equivalent(sharding: Any, target: Any, ndim: int) -> bool:
         _equivalent_memo.clear()
     _equivalent_memo[key] = answer
     return answer
+
+
+def in_place(arrays: Sequence[Any], targets: Sequence[Any]) -> bool:
+    """Whether every array is a live (not deleted) concrete array with exactly its
+    target sharding (a `None` target: anywhere). The quick check before a call;
+    `place` does the rest."""
+    for x, target in zip(arrays, targets):
+        if type(x) not in CONCRETE_TYPES and not is_concrete_array(x):
+            return False
+        if x.is_deleted():
+            return False
+        if target is not None:
+            sharding = x.sharding
+            if sharding is not target and sharding != target:
+                return False
+    return True
 
 
 def place(

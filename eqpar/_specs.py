@@ -51,7 +51,9 @@ def is_array(x: Any) -> bool:
     return answer
 
 
-_CONCRETE_TYPES: set[type] = set()
+CONCRETE_TYPES: set[type] = set()
+"""The types `is_concrete_array` has seen to be concrete arrays (a set lookup for
+hot loops; a type not in it may still be one not seen yet)."""
 _OTHER_TYPES: set[type] = set()
 
 
@@ -60,12 +62,12 @@ def is_concrete_array(x: Any) -> bool:
     be placed, and whose buffers can be deleted or donated. Typed PRNG key arrays
     count. Memoised on the type, like `is_array`."""
     t = type(x)
-    if t in _CONCRETE_TYPES:
+    if t in CONCRETE_TYPES:
         return True
     if t in _OTHER_TYPES:
         return False
     answer = isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-    (_CONCRETE_TYPES if answer else _OTHER_TYPES).add(t)
+    (CONCRETE_TYPES if answer else _OTHER_TYPES).add(t)
     return answer
 
 

@@ -424,3 +424,83 @@ def test_no_warning_on_a_plain_call():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         eqpar.filter_jit(_annotated)(jnp.ones(2))
+
+
+# ----------------------------------------------------------------------------------
+# Arguments cut into parts, each Module flattened once
+
+
+class _Tag:
+    """A static field that counts how often it is compared: once per flatten of its
+    Module by the dispatch core (to find the argument's structure)."""
+
+    comparisons = 0
+
+    def __eq__(self, other):
+        _Tag.comparisons += 1
+        return isinstance(other, _Tag)
+
+    def __hash__(self):
+        return 0
+
+
+class _Holder(eqx.Module):
+    w: jax.Array
+    tag: _Tag = eqx.field(static=True)
+
+
+def test_a_module_passed_again_is_not_flattened_again_and_stays_right():
+    f = eqpar.filter_jit(lambda h, x: h.w * x)
+    holder, x = _Holder(jnp.arange(3.0), _Tag()), jnp.ones(3)
+    f(holder, x)
+    f(_Holder(jnp.arange(3.0), _Tag()), x)
+    before = _Tag.comparisons
+    for i in range(5):
+        np.testing.assert_array_equal(f(holder, x + i), jnp.arange(3.0) * (1 + i))
+    assert _Tag.comparisons == before  # remembered: not flattened again
+    other = _Holder(jnp.ones(3), _Tag())  # a new Module is flattened
+    np.testing.assert_array_equal(f(other, x), np.ones(3))
+    assert _Tag.comparisons > before
+
+
+def test_a_remembered_module_is_not_kept_alive():
+    import gc
+    import weakref
+
+    f = eqpar.filter_jit(lambda m, x: m(x))
+    model = _model()
+    f(model, jnp.ones(4))
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_keyword_and_positional_dicts_are_different_calls():
+    counter = TraceCounter(lambda x, d=None, **kw: x + (d or kw)["a"])
+    f = eqpar.filter_jit(counter)
+    x, a = jnp.ones(2), jnp.full(2, 3.0)
+    np.testing.assert_array_equal(f(x, {"a": a}), 4 * np.ones(2))
+    np.testing.assert_array_equal(f(x, a=a), 4 * np.ones(2))
+    assert counter.count == 2
+
+
+def test_a_bound_method_and_a_function_of_the_same_module_are_different_calls():
+    class Scale(eqx.Module):
+        w: jax.Array
+
+        def __call__(self, x):
+            return self.w * x
+
+    m, x = Scale(jnp.full(2, 3.0)), jnp.ones(2)
+    np.testing.assert_array_equal(eqpar.filter_jit(m.__call__)(x), 3 * np.ones(2))
+    np.testing.assert_array_equal(
+        eqpar.filter_jit(Scale.__call__)(m, x), 3 * np.ones(2)
+    )
+    np.testing.assert_array_equal(eqpar.filter_jit(m)(x), 3 * np.ones(2))
+
+
+def test_an_unhashable_static_value_names_its_leaf():
+    f = eqpar.filter_jit(lambda x, opts: x)
+    with pytest.raises(eqpar.SpecError, match=r"argument `opts` at \[0\] \(set\)"):
+        f(jnp.ones(2), ({1, 2},))

@@ -1,18 +1,18 @@
 """`Compiled`: the compile cache of one transform with one set of options.
 
-A call `fun(*args, **kwargs)` is handled as the one pytree `(fun, args, kwargs)`:
+A call `fun(*args, **kwargs)`:
 
-1. it is flattened once; the tree structure and the leaves' types select a `_Plan`,
-   which knows which leaves are arrays (array-ness is a property of the type);
-2. the plan picks out the arrays and the static leaves (two `itemgetter`s); the
-   static leaves and the backend's context (e.g. the mesh) select a `Program`,
-   made on first sight;
+1. is cut into parts (`_parts.py`): each argument's tree structure, leaf types and
+   static values as an interned token, its arrays, and its plain functions (a
+   Module passed again is not flattened again);
+2. the tokens, the identities of the functions and the backend's context (e.g. the
+   mesh) select a `Program`, made on first sight;
 3. the program places the arrays if its backend runs on a mesh, calls its
    `jax.jit` once, and rebuilds the output (see `_program.py`).
 
-Plain Python functions among the static leaves (the wrapped function, a function
-inside a Module) are keyed by identity and held weakly: a cache never keeps a
-function, or what it closes over, alive, and a program dies with its function.
+Plain Python functions in a call (the wrapped function, a function inside a
+Module) are keyed by identity and held weakly: a cache never keeps a function, or
+what it closes over, alive, and a program dies with its functions.
 """
 
 import dataclasses
@@ -26,15 +26,15 @@ import equinox as eqx
 import jax.tree_util as jtu
 
 from .._errors import SpecError
-from .._specs import DYNAMIC, is_array, leaf_names, merge_leaves
-from ._program import check_donate, Donate, getter, Program, split_output
+from .._specs import is_array, leaf_names
+from ._parts import key_of, METHOD_FUNCTION, Part, split_call, Token
+from ._program import check_donate, Donate, Program, split_output
 from ._tables import Bounded
 
 
-MAX_PLANS = 256
-"""Tree structures (with leaf types) remembered per transform and options."""
-MAX_PROGRAMS = 256
-"""Programs (static values and contexts) per tree structure."""
+MAX_PROGRAMS = 1024
+"""Programs (argument structures, static values, contexts) per transform and
+options."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,36 +58,10 @@ class Backend:
     check: Callable[[tuple, dict], None] | None = None
 
 
-class _Plan:
-    """One tree structure with one leaf type per position: where the arrays, the
-    plain Python functions and the other static leaves are. Under it, one
-    `Program` per (context, static values)."""
-
-    __slots__ = (
-        "array_idx",
-        "function_idx",
-        "arrays",
-        "statics",
-        "functions",
-        "programs",
-    )
-
-    def __init__(self, leaves: list[Any]):
-        self.array_idx = [i for i, leaf in enumerate(leaves) if is_array(leaf)]
-        self.function_idx = [
-            i for i, leaf in enumerate(leaves) if type(leaf) is types.FunctionType
-        ]
-        others = set(self.array_idx) | set(self.function_idx)
-        self.arrays = getter(self.array_idx)
-        self.statics = getter([i for i in range(len(leaves)) if i not in others])
-        self.functions = getter(self.function_idx)
-        self.programs: Bounded[Program] = Bounded(MAX_PROGRAMS)
-
-
 class _Weak:
-    """Stands for a plain Python function in a program's signature: the program
-    refers to it weakly (it is alive whenever the program is traced, since it is
-    then being called)."""
+    """Stands for a plain Python function in a program: the program refers to it
+    weakly (it is alive whenever the program is traced, since it is then being
+    called)."""
 
     __slots__ = ("ref",)
 
@@ -102,93 +76,97 @@ class Compiled:
     def __init__(self, backend: Backend, *, donate: Donate = "none"):
         self._backend = backend
         self._donate: Donate = check_donate(donate)
-        # (tree structure, leaf types) -> plan; the types too, because 1, 1.0 and
-        # True are equal and hash alike but trace differently.
-        self._plans: Bounded[_Plan] = Bounded(MAX_PLANS)
+        self._programs: Bounded[Program] = Bounded(MAX_PROGRAMS)
 
     def __call__(self, fun: Any, args: tuple, kwargs: dict) -> Any:
         check = self._backend.check
         if check is not None:
             check(args, kwargs)
-        fun = as_tree(fun)
         program, arrays = self._lookup(fun, args, kwargs)
         return program(arrays, fun, args, kwargs)
 
     def lower(self, fun: Any, args: tuple, kwargs: dict) -> "Lowered":
-        fun = as_tree(fun)
         program, arrays = self._lookup(fun, args, kwargs)
         arrays = program.prepare(arrays, fun, args, kwargs)
         return Lowered(program.lower(arrays), self, program, fun)
 
     def _lookup(self, fun: Any, args: tuple, kwargs: dict) -> tuple[Program, tuple]:
-        leaves, treedef = jtu.tree_flatten((fun, args, kwargs))
-        shape = (treedef, tuple(map(type, leaves)))
-        plan = self._plans.get(shape)
-        if plan is None:
-            plan = self._plans.get_or_make(shape, lambda: _Plan(leaves))
-        context = self._backend.context
-        key = (
-            None if context is None else context(),
-            plan.statics(leaves),
-            tuple(map(id, plan.functions(leaves))),
-        )
         try:
-            program = plan.programs.get(key)
+            parts = split_call(fun, args, kwargs)
+            context = self._backend.context
+            key, arrays = key_of(
+                parts, bool(kwargs), None if context is None else context()
+            )
+            program = self._programs.get(key)
         except TypeError:
             raise _unhashable(fun, args, kwargs) from None
         if program is None:
-            program = plan.programs.get_or_make(
-                key, lambda: self._program(plan, treedef, leaves, key, fun, args)
+            program = self._programs.get_or_make(
+                key, lambda: self._program(parts, key, len(args), bool(kwargs))
             )
-        return program, plan.arrays(leaves)
+        return program, arrays
 
     def _program(
-        self,
-        plan: _Plan,
-        treedef: Any,
-        leaves: list[Any],
-        key: tuple,
-        fun: Any,
-        args: tuple,
+        self, parts: list[Part], key: tuple, n_args: int, has_kwargs: bool
     ) -> Program:
         context = key[0]
-        signature: list[Any] = list(leaves)
-        for i in plan.array_idx:
-            signature[i] = DYNAMIC
-        for i in plan.function_idx:  # the program goes when a function dies
-            signature[i] = _Weak(
-                weakref.ref(leaves[i], lambda _: plan.programs.discard(key, program))
-            )
-        function_idx = plan.function_idx
+        tokens = [token for token, _, _ in parts]
+        weak = [  # the program goes when one of its functions dies
+            _Weak(weakref.ref(f, lambda _: self._programs.discard(key, program)))
+            for _, _, functions in parts
+            for f in functions
+        ]
         run = self._backend.run
 
         def body(arrays: tuple[Any, ...]) -> Any:
-            merged = merge_leaves(signature, arrays)
-            for i in function_idx:
-                merged[i] = merged[i].ref()
-            f, a, k = treedef.unflatten(merged)
-            return split_output(run(f, a, k, context))
+            fun, args, kwargs = _rebuild_call(tokens, arrays, weak, n_args, has_kwargs)
+            return split_output(run(fun, args, kwargs, context))
 
+        first = 2 if tokens[0] is METHOD_FUNCTION else 1  # where args[0] is
         kept: list[int] = []
-        if self._donate.endswith("except-first") and args:
-            start = len(jtu.tree_leaves(fun))
-            first = range(start, start + len(jtu.tree_leaves(args[0])))
-            kept = [n for n, i in enumerate(plan.array_idx) if i in first]
+        if self._donate.endswith("except-first") and n_args:
+            start = sum(len(arrays) for _, arrays, _ in parts[:first])
+            kept = list(range(start, start + len(parts[first][1])))
         targets = self._backend.targets
         program = Program(
             body,
-            array_idx=plan.array_idx,
+            n_arrays=sum(len(arrays) for _, arrays, _ in parts),
             donate=self._donate,
             kept=kept,
             targets=None
             if targets is None
-            else lambda f, a, k: targets(f, a, k, context),
-            names=leaf_names,
+            else lambda f, a, k: targets(as_tree(f), a, k, context),
+            names=_array_names,
         )
         return program
 
 
+def _array_names(fun: Any, args: tuple, kwargs: dict) -> list[str]:
+    """A name for each array of a call, for errors."""
+    call = (as_tree(fun), args, kwargs)
+    names = leaf_names(*call)
+    return [n for n, leaf in zip(names, jtu.tree_leaves(call)) if is_array(leaf)]
+
+
+def _rebuild_call(
+    tokens: list[Token],
+    arrays: tuple[Any, ...],
+    weak: list[_Weak],
+    n_args: int,
+    has_kwargs: bool,
+) -> tuple[Any, tuple, dict]:
+    """`(fun, args, kwargs)` from the parts' tokens, arrays and functions."""
+    array_it = iter(arrays)
+    function_it = (w.ref() for w in weak)
+    values = [token.rebuild(array_it, function_it) for token in tokens]
+    if tokens[0] is METHOD_FUNCTION:
+        values[:2] = [_MethodNode(values[0], values[1])]
+    kwargs = values.pop() if has_kwargs else {}
+    return values[0], tuple(values[1 : 1 + n_args]), kwargs
+
+
 def _unhashable(fun: Any, args: tuple, kwargs: dict) -> SpecError:
+    fun = as_tree(fun)
     names = leaf_names(fun, args, kwargs)
     culprits = []
     for name, leaf in zip(names, jtu.tree_leaves((fun, args, kwargs))):

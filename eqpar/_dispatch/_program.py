@@ -6,10 +6,11 @@ array leaves, so everything jit keys its own cache on (shapes, dtypes, weak type
 shardings, x64 and the other config and context it reads) is keyed by jit itself:
 eqpar adds no key of its own that could be coarser.
 
-The body returns the output's arrays and, as a `_Static` pytree node, its tree
-structure and non-array leaves. jit caches that node with the trace it came from, so
-a non-array output is whatever the trace for *these* inputs returned (Equinox's
-`filter_jit` does the same).
+The body returns the output itself when all its leaves are arrays; otherwise its
+tree structure and non-array leaves travel as the node data of a `_WithStatic`
+pytree node, which jit caches with the trace it came from: a non-array output is
+whatever the trace for *these* inputs returned (Equinox's `filter_jit` does the
+same).
 
 Before the call, a program that runs on a mesh places its inputs where the backend
 says they belong (through the placement cache, so that an unchanged input moves
@@ -49,32 +50,42 @@ def check_donate(donate: Any) -> Donate:
     return donate  # type: ignore[return-value]
 
 
-class Static:
-    """A pytree node with no children: its value travels in the tree structure, so
-    through `jax.jit` it is part of the cached trace, not an input or output."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any):
-        self.value = value
-
-
-jtu.register_pytree_node(Static, lambda s: ((), s.value), lambda v, _: Static(v))
-
-
-def split_output(out: Any) -> tuple[list[Any], Static]:
-    """The arrays of an output and the `Static` that `rebuild` needs for the rest."""
+def split_output(out: Any) -> Any:
+    """What the traced body returns: the output itself when its leaves are all
+    arrays (jit rebuilds it), otherwise a `_WithStatic` (see `output`)."""
     leaves, treedef = jtu.tree_flatten(out)
     arrays, signature = split_leaves(leaves)
-    every = len(arrays) == len(leaves)
-    return arrays, Static((treedef, None if every else tuple(signature)))
+    if len(arrays) == len(leaves):
+        return out
+    return _WithStatic(arrays, (treedef, tuple(signature)))
 
 
-def rebuild(arrays: Sequence[Any], static: Static) -> Any:
-    treedef, signature = static.value
-    if signature is None:
-        return treedef.unflatten(arrays)
-    return treedef.unflatten(merge_leaves(signature, arrays))
+class _WithStatic:
+    """An output with non-array leaves: its arrays are the pytree's children and the
+    rest (tree structure, non-array leaves) its node data, so that through `jax.jit`
+    the rest is part of the cached trace it came from, as in Equinox's
+    `filter_jit`."""
+
+    __slots__ = ("arrays", "static")
+
+    def __init__(self, arrays: Any, static: tuple[Any, tuple[Any, ...]]):
+        self.arrays = arrays
+        self.static = static
+
+
+jtu.register_pytree_node(
+    _WithStatic,
+    lambda w: ((w.arrays,), w.static),
+    lambda static, children: _WithStatic(children[0], static),
+)
+
+
+def output(out: Any) -> Any:
+    """The user's output from what the compiled body returned."""
+    if type(out) is not _WithStatic:
+        return out
+    treedef, signature = out.static
+    return treedef.unflatten(merge_leaves(signature, out.arrays))
 
 
 Targets = Callable[[Any, tuple, dict], Sequence[Any] | None]
@@ -89,11 +100,11 @@ class Program:
     """One signature's `jax.jit` program, called with the signature's array leaves.
 
     - `body`: `arrays -> (output arrays, Static)`, the traced function.
-    - `array_idx`: where the arrays sit among the call's leaves (for error names).
+    - `n_arrays`: how many arrays a call passes.
     - `donate`: Equinox's values; `kept` are the positions (among the arrays) that
         `"*-except-first"` keeps.
     - `targets`: the backend's placement of the inputs, or `None`.
-    - `names`: `(fun, args, kwargs) -> a name per leaf`, for errors.
+    - `names`: `(fun, args, kwargs) -> a name per array`, for errors.
     """
 
     __slots__ = (
@@ -102,8 +113,8 @@ class Program:
         "_call",
         "_targets",
         "_by_shape",
+        "_last",
         "_checks",
-        "_array_idx",
         "_names",
         "_donated_idx",
         "_split",
@@ -114,27 +125,28 @@ class Program:
         self,
         body: Callable[[tuple[Any, ...]], Any],
         *,
-        array_idx: Sequence[int],
+        n_arrays: int,
         donate: Donate,
         kept: Sequence[int],
         targets: Targets | None,
         names: Callable[[Any, tuple, dict], list[str]],
     ):
-        self._array_idx = list(array_idx)
         self._names = names
         self._targets = targets
         self._by_shape: Bounded[tuple[Any, ...]] = Bounded(MAX_TARGETS)
+        # The targets of the last placement (None: not placing): any thread may
+        # replace them; each reads one consistent tuple.
+        self._last: tuple[Any, ...] | None = None
         self.donating = donate != "none"
         self._checks = self.donating or targets is not None
         self._quiet = donate.startswith("all")
-        n = len(self._array_idx)
-        self._donated_idx = [i for i in range(n) if i not in set(kept)]
+        self._donated_idx = [i for i in range(n_arrays) if i not in set(kept)]
         if not self.donating:
             self.jitted = jax.jit(body)
             self._call = self.jitted
             self._split: Callable[[tuple], tuple] = lambda arrays: (arrays,)
             return
-        donated_idx, kept_idx = self._donated_idx, sorted(kept)
+        n, donated_idx, kept_idx = n_arrays, self._donated_idx, sorted(kept)
         donated_of, kept_of = getter(donated_idx), getter(kept_idx)
 
         def split_body(donated: tuple, kept_arrays: tuple) -> Any:
@@ -154,8 +166,7 @@ class Program:
     ) -> Any:
         if self._checks:
             arrays = self.prepare(arrays, fun, args, kwargs)
-        out, static = self._call(arrays)
-        return rebuild(out, static)
+        return output(self._call(arrays))
 
     def _donating_call(self, arrays: tuple[Any, ...]) -> Any:
         if not self._quiet:
@@ -172,7 +183,16 @@ class Program:
     def prepare(
         self, arrays: tuple[Any, ...], fun: Any, args: tuple, kwargs: dict
     ) -> tuple[Any, ...]:
-        """`arrays` checked for deleted buffers and placed where the program runs."""
+        """`arrays` checked for deleted buffers and placed where the program runs.
+
+        The common case first: every input is a live array already where the last
+        placement put its position (then nothing is looked up). Otherwise the
+        targets for these input shapes are found (the backend computes them once
+        per shapes) and whatever is elsewhere is placed.
+        """
+        last = self._last
+        if last is not None and _placement_cache.in_place(arrays, last):
+            return arrays
         for i, x in enumerate(arrays):
             if is_concrete_array(x) and x.is_deleted():
                 raise self._deleted(i, fun, args, kwargs)
@@ -186,6 +206,7 @@ class Program:
                 return arrays
             targets = self._by_shape.get_or_make(shapes, lambda: tuple(found))
         placed, moved = _placement_cache.place(arrays, targets)
+        self._last = targets
         if moved and self.donating:
             if any(placed[i] is not arrays[i] for i in self._donated_idx):
                 warn(
@@ -201,7 +222,7 @@ class Program:
     def _deleted(
         self, i: int, fun: Any, args: tuple, kwargs: dict
     ) -> DeletedArrayError:
-        name = self._names(fun, args, kwargs)[self._array_idx[i]]
+        name = self._names(fun, args, kwargs)[i]
         return DeletedArrayError(
             f"The input {name} has been deleted: its buffer was donated to an "
             "earlier call (`donate=...`) or deleted, so it holds no value any more. "
@@ -215,8 +236,7 @@ class Program:
 
     def call_compiled(self, executable: Any, arrays: tuple[Any, ...]) -> Any:
         """Calls an ahead-of-time `executable` of this program (see `lower`)."""
-        out, static = executable(*self._split(arrays))
-        return rebuild(out, static)
+        return output(executable(*self._split(arrays)))
 
 
 def getter(idx: Sequence[int]) -> Callable[[Sequence[Any]], tuple]:

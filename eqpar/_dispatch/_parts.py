@@ -1,0 +1,170 @@
+"""A call's arguments, flattened one by one, each Module once.
+
+A call `fun(*args, **kwargs)` is cut into *parts*: the function (or, for a bound
+method of a Module, its function and its Module), each positional argument, and the
+keyword arguments as one dict. Each part is flattened into a `_Token` (its tree
+structure, leaf types and static values, interned so that equal parts share one
+token) plus its arrays and its plain Python functions (held apart: programs key
+them by identity and hold them weakly).
+
+A Module is immutable, so the same Module object always flattens the same way: its
+part is remembered (`_RECORDS`, keyed by identity, dropped when the Module dies) and
+a Module passed again (a fixed model in an evaluation loop, a frozen encoder, a
+built-once step's own parameters) costs a dict lookup instead of a flatten
+(`benchmarks/dispatch.py`, "leaves": this is what keeps a 1000-leaf model within
+10% of `jax.jit`). Only Modules whose every node is immutable (Modules, tuples,
+`None`) are remembered; one holding a list or a dict is flattened on every call.
+"""
+
+import types
+import weakref
+from collections.abc import Hashable
+from typing import Any
+
+import equinox as eqx
+import jax.tree_util as jtu
+
+from .._specs import DYNAMIC, is_array
+from ._tables import Bounded
+
+
+MAX_TOKENS = 4096
+"""Distinct argument structures remembered per process."""
+MAX_RECORDS = 4096
+"""Live Modules whose parts are remembered per process."""
+
+
+class _Function:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<function>"
+
+
+FUNCTION = _Function()
+"""Stands for a plain Python function among a token's leaves."""
+
+
+def _immutable(treedef: Any) -> bool:
+    """Whether every node of `treedef` is immutable: Modules (frozen), tuples and
+    named tuples, None. A list or a dict could change under a remembered Module."""
+    data = treedef.node_data()
+    if data is None:
+        return True
+    kind = data[0]
+    if not (
+        kind is tuple or kind is type(None) or issubclass(kind, (tuple, eqx.Module))
+    ):
+        return False
+    return all(_immutable(child) for child in treedef.children())
+
+
+class Token:
+    """One part's tree structure, leaf types and static values. Interned (see
+    `_token`): equal parts share one token, hashed by identity."""
+
+    __slots__ = ("treedef", "signature", "recordable", "__weakref__")
+
+    def __init__(self, treedef: Any, signature: tuple[Any, ...]):
+        self.treedef = treedef
+        # Each leaf: DYNAMIC (an array), FUNCTION (a plain function) or its value.
+        self.signature = signature
+        self.recordable = _immutable(treedef)
+
+    def rebuild(self, arrays: Any, functions: Any) -> Any:
+        """The part, from iterators over its arrays and functions."""
+        leaves = [
+            next(arrays) if s is DYNAMIC else next(functions) if s is FUNCTION else s
+            for s in self.signature
+        ]
+        return self.treedef.unflatten(leaves)
+
+
+Part = tuple[Token, tuple[Any, ...], tuple[Any, ...]]
+"""One argument of one call: `(token, arrays, functions)`."""
+
+
+_LEAF = jtu.tree_structure(0)
+ARRAY = Token(_LEAF, (DYNAMIC,))
+"""The token of an argument that is itself an array."""
+PLAIN_FUNCTION = Token(_LEAF, (FUNCTION,))
+"""The token of an argument that is itself a plain Python function."""
+METHOD_FUNCTION = Token(_LEAF, (FUNCTION,))
+"""The token of the function of a bound method (its Module is the next part)."""
+
+_TOKENS: Bounded[Token] = Bounded(MAX_TOKENS)
+# id(Module) -> (weak reference to it, its part)
+_RECORDS: dict[int, tuple["weakref.ref[Any]", Part]] = {}
+
+
+def split_call(fun: Any, args: tuple, kwargs: dict) -> list[Part]:
+    """The parts of `fun(*args, **kwargs)`, in the order of their leaves in the
+    flattened `(fun, args, kwargs)`."""
+    if type(fun) is types.MethodType and isinstance(fun.__self__, eqx.Module):
+        parts = [(METHOD_FUNCTION, (), (fun.__func__,)), part(fun.__self__)]
+    else:
+        parts = [part(fun)]
+    parts.extend(map(part, args))
+    if kwargs:
+        parts.append(part(kwargs))
+    return parts
+
+
+def part(x: Any) -> Part:
+    """One argument's part (a remembered Module's without flattening it)."""
+    if is_array(x):
+        return (ARRAY, (x,), ())
+    if type(x) is types.FunctionType:
+        return (PLAIN_FUNCTION, (), (x,))
+    found = _RECORDS.get(id(x))
+    if found is not None and found[0]() is x:
+        return found[1]
+    leaves, treedef = jtu.tree_flatten(x)
+    arrays, functions, signature, statics = [], [], [], []
+    for leaf in leaves:
+        if is_array(leaf):
+            arrays.append(leaf)
+            signature.append(DYNAMIC)
+        elif type(leaf) is types.FunctionType:
+            functions.append(leaf)
+            signature.append(FUNCTION)
+        else:
+            signature.append(leaf)
+            statics.append(leaf)
+    key = (treedef, tuple(map(type, leaves)), tuple(statics))
+    token = _TOKENS.get(key)  # TypeError for an unhashable static value
+    if token is None:
+        token = _TOKENS.get_or_make(key, lambda: Token(treedef, tuple(signature)))
+    made = (token, tuple(arrays), tuple(functions))
+    if token.recordable and isinstance(x, eqx.Module):
+        _remember(x, made)
+    return made
+
+
+def _remember(module: Any, made: Part) -> None:
+    key = id(module)
+    record = (weakref.ref(module, lambda _: _forget(key, record)), made)
+    if len(_RECORDS) >= MAX_RECORDS:
+        _RECORDS.pop(next(iter(_RECORDS)), None)
+    _RECORDS[key] = record
+
+
+def _forget(key: int, record: tuple) -> None:
+    if _RECORDS.get(key) is record:
+        _RECORDS.pop(key, None)
+
+
+def key_of(parts: list[Part], has_kwargs: bool, context: Hashable) -> tuple:
+    """The program key of a call and its arrays: its context, its parts' tokens,
+    and the identity of every plain function in it (functions are held weakly, see
+    `Compiled`)."""
+    key: list[Any] = [context, has_kwargs]
+    ids: list[int] = []
+    arrays: tuple[Any, ...] = ()
+    for token, part_arrays, functions in parts:
+        key.append(token)
+        if part_arrays:  # tuple concatenation: no Python loop over the arrays
+            arrays += part_arrays
+        if functions:
+            ids.extend(map(id, functions))
+    return tuple(key + ids), arrays
