@@ -39,6 +39,7 @@ from ._grad import (
 )
 from ._jit import filter_jit as filter_jit
 from ._keys import split_key as split_key
+from ._model_sharding import partition_specs as partition_specs
 from ._optax import pmean_updates as pmean_updates
 from ._parallel import Parallel as Parallel
 from ._placement import (

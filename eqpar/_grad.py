@@ -38,7 +38,14 @@ from ._collectives import axis_size, mark_varying
 from ._errors import Checked, ReplicationError, SpecError
 from ._microbatch import accumulate, check_microbatch
 from ._specs import is_array
-from ._vma import AxisName, manual_axes, to_varying, typed, varying_axes
+from ._vma import (
+    axis_names,
+    AxisName,
+    manual_axes,
+    to_varying,
+    typed,
+    varying_axes,
+)
 
 
 def _is_inexact(x: Any) -> bool:
@@ -73,12 +80,18 @@ def _weights(
 
 
 def _psum_kept(
-    tree: PyTree, keep: Any, axis_name: AxisName, manual: tuple, checked: bool
+    tree: PyTree,
+    keep: Any,
+    axis_name: AxisName,
+    manual: tuple,
+    checked: bool,
+    already: PyTree | None = None,
 ) -> PyTree:
     """Sums each inexact leaf over the axis, dropping devices with `keep` false (even
-    where their value is NaN)."""
+    where their value is NaN). `already`, a tree of the same structure, gives per
+    leaf the mesh axes it is already summed over (see `_value_and_grad_mean`)."""
 
-    def total(x: Any) -> Any:
+    def total(x: Any, done: frozenset = frozenset()) -> Any:
         if not _is_inexact(x):
             return x
         x = jnp.asarray(x)
@@ -86,9 +99,17 @@ def _psum_kept(
             x = jnp.where(keep, x, jnp.zeros_like(x))
         if checked:
             x = to_varying(x, manual)
-        return jax.lax.psum(x, axis_name)
+        axes = [a for a in axis_names(axis_name) if a not in done]
+        if not axes:
+            return x
+        return jax.lax.psum(x, tuple(axes) if len(axes) > 1 else axes[0])
 
-    return jtu.tree_map(total, tree)
+    if already is None:
+        return jtu.tree_map(total, tree)
+    return jtu.tree_map(total, tree, already)
+
+
+_NONE: frozenset = frozenset()
 
 
 def _value_and_grad_mean(
@@ -119,6 +140,15 @@ def _value_and_grad_mean(
         return share, (share, aux)
 
     diff, static = eqx.partition(model, eqx.is_inexact_array)
+    # A parameter that already varies over the axis (sharded over it, as in FSDP,
+    # or one per device) gets its whole gradient from autodiff: the transpose of
+    # the collective that gathers it (or its own device) already sums over the
+    # axis. Only the axes a parameter is the same along are marked varying and
+    # summed afterwards.
+    already = jtu.tree_map(
+        lambda x: frozenset(varying_axes(x)) & frozenset(manual) if checked else _NONE,
+        diff,
+    )
     local = eqx.combine(mark_varying(diff, axis_name), static)
     value_and_grad = eqx.filter_value_and_grad(objective, has_aux=True)
     if microbatch is None:
@@ -135,7 +165,7 @@ def _value_and_grad_mean(
             "filter_value_and_grad_mean",
         )
     value = _psum_kept(share, keep, axis_name, manual, checked)
-    grads = _psum_kept(grads, keep, axis_name, manual, checked)
+    grads = _psum_kept(grads, keep, axis_name, manual, checked, already)
     return ((value, aux) if has_aux else value), grads
 
 

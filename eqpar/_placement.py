@@ -17,7 +17,16 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
 from ._errors import AxisSizeError, Checked, MeshError, SpecError
-from ._specs import broadcast_specs, check_divides, check_spec, is_array
+from ._model_sharding import describe_dimension
+from ._specs import (
+    AnyMesh,
+    as_pspec,
+    broadcast_specs,
+    check_divides,
+    check_spec,
+    is_array,
+    spec_axes,
+)
 
 
 def data_mesh(axis_name: str = "data", devices: Sequence[Any] | None = None) -> Mesh:
@@ -48,10 +57,13 @@ def data_mesh(axis_name: str = "data", devices: Sequence[Any] | None = None) -> 
     return jax.make_mesh((len(devs),), (axis_name,), devices=devs)
 
 
-def _mesh_or_context(mesh: Mesh | None, who: str) -> Mesh:
+def _mesh_or_context(mesh: AnyMesh | None, who: str) -> AnyMesh:
     if mesh is not None:
         return mesh
-    context = jax.sharding.get_mesh()
+    try:
+        context: AnyMesh = jax.sharding.get_mesh()
+    except ValueError:  # under a trace only the abstract mesh is available
+        context = jax.sharding.get_abstract_mesh()
     if context.empty:
         raise MeshError(
             f"{who} was given `mesh=None` and no mesh is set: pass `mesh=...` or "
@@ -61,40 +73,118 @@ def _mesh_or_context(mesh: Mesh | None, who: str) -> Mesh:
 
 
 def filter_device_put(
-    tree: PyTree, spec: PyTree, *, mesh: Mesh | None = None
+    tree: PyTree, spec: PyTree, *, mesh: AnyMesh | None = None
 ) -> PyTree:
-    """Places the array leaves of `tree` on `mesh`, sharded as `spec` says.
+    r"""Places the array leaves of `tree` on `mesh`, sharded as `spec` says; inside
+    a compiled function, constrains them to be sharded so.
 
     **Arguments:**
 
     - `tree`: any pytree; non-array leaves are returned as they are.
     - `spec`: a `PartitionSpec` for every array leaf, or a pytree prefix of `tree`
         with `PartitionSpec` (or `None`, meaning `P()`) leaves, or callables
-        `leaf -> PartitionSpec`.
+        `leaf -> PartitionSpec` (e.g. what [`eqpar.partition_specs`][] returns).
     - `mesh`: the mesh (default: the context mesh).
 
     **Returns:**
 
-    `tree` with each array leaf a `jax.Array` sharded by `NamedSharding(mesh, spec)`.
+    `tree` with each array leaf sharded by `NamedSharding(mesh, spec)`. Outside a
+    trace that is a `jax.device_put`. Under a trace (inside `eqpar.filter_jit` or
+    `jax.jit`) it is a sharding constraint, so a model built inside a compiled
+    function is born sharded and never whole on one device:
+    `jax.lax.with_sharding_constraint` on Auto mesh axes, `jax.sharding.reshard`
+    on Explicit ones (which JAX allows only with the mesh set as context, `with
+    jax.set_mesh(mesh):`). A dimension that its mesh axes do not divide raises
+    `eqpar.AxisSizeError` naming the leaf, the dimension (with its jaxtyping name,
+    when the leaf is an annotated Module field) and both sizes.
+
+    !!! example
+
+        ```python
+        import equinox as eqx, jax, eqpar
+        from jax.sharding import PartitionSpec as P
+
+        mesh = jax.make_mesh((2, 4), ("data", "model"))
+        mlp = eqx.nn.MLP(8, 8, 16, 1, key=jax.random.key(0))
+        specs = eqpar.partition_specs(
+            mlp, paths=[(r"layers\[0\]\.weight", P("model", None))]
+        )
+        placed = eqpar.filter_device_put(mlp, specs, mesh=mesh)
+        assert placed.layers[0].weight.sharding.spec == P("model", None)
+        ```
     """
     mesh = _mesh_or_context(mesh, "filter_device_put")
     specs = broadcast_specs(spec, tree, "(the tree to place)", "the spec")
     leaves, treedef = jtu.tree_flatten_with_path(tree)
-    placed = []
-    for (path, leaf), s in zip(leaves, specs):
-        if is_array(leaf):
-            pspec = P() if s is None else s
-            if not isinstance(pspec, P):
-                raise SpecError(f"A placement spec must be a PartitionSpec, got {s!r}.")
+    out = [leaf for _, leaf in leaves]
+    eager: list[int] = []
+    for i, ((path, leaf), s) in enumerate(zip(leaves, specs)):
+        if not is_array(leaf):
+            continue
 
-            def where(path: Any = path) -> str:
-                return f"the leaf at {jtu.keystr(path) or '(root)'}"
+        def where(path: Any = path) -> str:
+            return f"the leaf at {jtu.keystr(path) or '(root)'}"
 
-            check_spec(pspec, mesh, where, "the spec")
-            check_divides(pspec, tuple(np.shape(leaf)), mesh, where, "the spec")
-            leaf = jax.device_put(leaf, NamedSharding(mesh, pspec))
-        placed.append(leaf)
-    return jtu.tree_unflatten(treedef, placed)
+        pspec = as_pspec(s, where, "the spec")
+        check_spec(pspec, mesh, where, "the spec")
+        check_divides(
+            pspec,
+            tuple(np.shape(leaf)),
+            mesh,
+            where,
+            "the spec",
+            dimension=lambda d, path=path: describe_dimension(tree, path, d),
+            more=_MODEL_ADVICE,
+        )
+        specs[i] = pspec
+        if isinstance(leaf, jax.core.Tracer):
+            out[i] = _constrain(leaf, mesh, pspec)
+        else:
+            eager.append(i)
+    if eager:
+        if not isinstance(mesh, Mesh):
+            raise MeshError(
+                "filter_device_put has only an abstract mesh here (the context "
+                "mesh seen inside a trace) to place concrete arrays on: pass "
+                "`mesh=` a `jax.sharding.Mesh`."
+            )
+        moved = jax.device_put(
+            [out[i] for i in eager], [NamedSharding(mesh, specs[i]) for i in eager]
+        )
+        for i, x in zip(eager, moved):
+            out[i] = x
+    return jtu.tree_unflatten(treedef, out)
+
+
+_MODEL_ADVICE = (
+    " For a model's weights: shard that dimension over mesh axes whose size divides "
+    "it, or leave it unsharded (`None` in its spec, or no entry for its name in "
+    "`partition_specs`' `dims`)."
+)
+
+
+def _constrain(x: Any, mesh: AnyMesh, spec: P) -> Any:
+    """`x` (a tracer) constrained to be sharded by `spec`: Auto axes through
+    `with_sharding_constraint`, Explicit ones through `reshard` (part of the type)."""
+    kinds = dict(zip(mesh.axis_names, mesh.axis_types))
+    explicit = [a for a in spec_axes(spec) if kinds[a] == AxisType.Explicit]
+    if not explicit:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    if len(explicit) != len(spec_axes(spec)):
+        raise MeshError(
+            f"filter_device_put got {spec}, which mixes Explicit axes {explicit} "
+            "with Auto ones of the same mesh inside a compiled function; JAX "
+            "constrains the two kinds differently. Use a mesh whose axes are all "
+            "Auto or all Explicit."
+        )
+    if jax.sharding.get_abstract_mesh().empty:
+        raise MeshError(
+            f"filter_device_put inside a compiled function shards over Explicit mesh "
+            f"axes {explicit}, which JAX allows only with the mesh set as context: "
+            "call the compiled function under `with jax.set_mesh(mesh):`, or use a "
+            "mesh with Auto axes (`jax.make_mesh(shape, names, axis_types=...)`)."
+        )
+    return jax.sharding.reshard(x, NamedSharding(mesh, spec))
 
 
 def replicate(tree: PyTree, *, mesh: Mesh | None = None) -> PyTree:

@@ -290,31 +290,51 @@ def in_place(arrays: Sequence[Any], targets: Sequence[Any]) -> bool:
     return True
 
 
-def place(
-    arrays: Sequence[Any], targets: Sequence[Any]
-) -> tuple[tuple[Any, ...], bool]:
+def _gathers(sharding: Any, target: Any, shape: tuple[int, ...]) -> bool:
+    """Whether moving from `sharding` to `target` puts more of the array on each
+    device (an all-gather), rather than less (a slice) or as much."""
+    return math.prod(target.shard_shape(shape)) > math.prod(sharding.shard_shape(shape))
+
+
+class Placed(NamedTuple):
+    """What `place` did."""
+
+    arrays: tuple[Any, ...]
+    """The arrays, each where its target puts it."""
+    moved: bool
+    """Whether any array is not the one given (a copy, placed now or cached)."""
+    relaid: list[int]
+    """The arrays that were already spread over several devices and had to be
+    gathered now (each device holds more of them than before): a deliberate
+    placement the program overrides at a cost."""
+
+
+def place(arrays: Sequence[Any], targets: Sequence[Any]) -> Placed:
     """`arrays` with each array moved to its target sharding (`None`: left alone).
 
-    Returns the placed arrays and whether anything had to be moved. Arrays already
-    there are passed as they are, and so are tracers (inside an outer trace JAX
-    places them) and deleted arrays (JAX then raises its own error). Copies of
-    `jax.Array` sources are looked up in the cache and remembered; NumPy sources are
-    always copied afresh.
+    Arrays already there are passed as they are, and so are tracers (inside an
+    outer trace JAX places them) and deleted arrays (JAX then raises its own
+    error). Copies of `jax.Array` sources are looked up in the cache and
+    remembered; NumPy sources are always copied afresh.
     """
     out = list(arrays)
     todo: list[int] = []
+    relaid: list[int] = []
     hits = False
     for i, (x, target) in enumerate(zip(arrays, targets)):
         if target is None:
             continue
         if is_concrete_array(x):
-            if x.is_deleted() or equivalent(x.sharding, target, x.ndim):
+            sharding = x.sharding
+            if x.is_deleted() or equivalent(sharding, target, x.ndim):
                 continue
             hit = _lookup(x, target)
             if hit is not None:
                 out[i], hits = hit, True
                 continue
             todo.append(i)
+            if len(sharding.device_set) > 1 and _gathers(sharding, target, x.shape):
+                relaid.append(i)
         elif isinstance(x, (np.ndarray, np.generic)):
             todo.append(i)
     if todo:
@@ -325,4 +345,4 @@ def place(
             # gives a tracer: that is no copy to remember.
             if is_concrete_array(arrays[i]) and is_concrete_array(placed):
                 _insert(arrays[i], targets[i], placed)
-    return tuple(out), hits or bool(todo)
+    return Placed(tuple(out), hits or bool(todo), relaid)

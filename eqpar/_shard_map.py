@@ -4,9 +4,11 @@ import functools as ft
 from collections.abc import Callable, Hashable, Set
 from typing import Any, overload
 
+import jax
+import jax.core
 import jax.tree_util as jtu
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
 from ._dispatch import (
@@ -45,6 +47,69 @@ from ._vma import check_replicated
 SpecLeaf = P | None | Callable[[Any], P | None]
 
 
+class _Inferred:
+    def __repr__(self) -> str:
+        return "<read from each argument's placement>"
+
+
+INFERRED: Any = _Inferred()
+"""`filter_shard_map`'s default `in_specs`: each array's spec is read from where it
+is placed."""
+
+
+def _placed_specs(fun: Any, args: tuple, kwargs: dict, mesh: AnyMesh) -> list[P]:
+    """The spec of every array of the call, from its placement on `mesh` (a
+    concrete array's sharding, or under a trace the sharding in its type, which
+    only Explicit mesh axes carry)."""
+    call = (fun, args, kwargs)
+    specs = []
+    names = None
+    for i, leaf in enumerate(jtu.tree_leaves(call)):
+        if not is_array(leaf):
+            continue
+        spec = _placed_spec(leaf, mesh)
+        if spec is None:
+            names = names or leaf_names(fun, args, kwargs)
+            raise SpecError(_unplaced(names[i], leaf, mesh))
+        specs.append(spec)
+    return specs
+
+
+def _placed_spec(x: Any, mesh: AnyMesh) -> P | None:
+    if isinstance(x, jax.core.Tracer):
+        sharding = jax.typeof(x).sharding
+        target = mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh
+        if getattr(sharding, "mesh", None) == target and any(
+            t == AxisType.Explicit for t in target.axis_types
+        ):
+            return sharding.spec
+        return None
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return None
+    own = sharding.mesh
+    same = own == mesh if isinstance(mesh, Mesh) else own.abstract_mesh == mesh
+    return sharding.spec if same else None
+
+
+def _unplaced(name: str, leaf: Any, mesh: AnyMesh) -> str:
+    where = getattr(leaf, "sharding", None)
+    placed = (
+        "is a tracer whose type carries no placement on it (only Explicit mesh "
+        "axes put the sharding in the type)"
+        if isinstance(leaf, jax.core.Tracer)
+        else f"is placed as {where}"
+        if where is not None
+        else "is a NumPy array (not placed anywhere)"
+    )
+    return (
+        f"filter_shard_map was given no `in_specs`, so each argument's spec is read "
+        f"from its placement on the mesh {mesh}; but {name} {placed}. Place it first "
+        "(`eqpar.filter_device_put(x, spec, mesh=mesh)`, e.g. with "
+        "`eqpar.partition_specs`), or give `in_specs`."
+    )
+
+
 class _ShardMap:
     """`filter_shard_map`'s backend for one set of options."""
 
@@ -62,14 +127,27 @@ class _ShardMap:
         self.axis_names = axis_names
         self.check_vma = check_vma
 
-    def context(self) -> AnyMesh:
-        return context_mesh("filter_shard_map")
+    def context(self, fun: Any, args: tuple, kwargs: dict) -> Hashable:
+        """Per call: the context mesh (`mesh=None`) and, with `in_specs` left out,
+        each array's spec read from where it is placed."""
+        mesh = self.mesh if self.mesh is not None else context_mesh("filter_shard_map")
+        if self.in_specs is not INFERRED:
+            return mesh
+        return mesh, tuple(_placed_specs(fun, args, kwargs, mesh))
+
+    def _mesh_and_specs(
+        self, fun: Any, args: tuple, kwargs: dict, context: Any
+    ) -> tuple[AnyMesh, list[P]]:
+        if self.in_specs is INFERRED:
+            mesh, specs = context
+            return mesh, list(specs)
+        mesh = self.mesh if self.mesh is not None else context
+        return mesh, self.specs(fun, args, kwargs, mesh)
 
     def run(self, fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
-        mesh = self.mesh if self.mesh is not None else context
+        mesh, specs = self._mesh_and_specs(fun, args, kwargs, context)
         leaves, treedef = jtu.tree_flatten((fun, args, kwargs))
         arrays, signature = split_leaves(leaves)
-        specs = self.specs(fun, args, kwargs, mesh)
 
         def per_device(*blocks: Any) -> Any:
             f, a, k = treedef.unflatten(merge_leaves(signature, blocks))
@@ -89,13 +167,15 @@ class _ShardMap:
     def targets(
         self, fun: Any, args: tuple, kwargs: dict, context: Any
     ) -> list[NamedSharding] | None:
-        mesh = self.mesh if self.mesh is not None else context
+        if self.in_specs is INFERRED:
+            return None  # every array is where its spec says, by definition
+        mesh, specs = self._mesh_and_specs(fun, args, kwargs, context)
         if not isinstance(mesh, Mesh):
             return None
         check_explicit_inputs(
             mesh, [x for x in jtu.tree_leaves((fun, args, kwargs)) if is_array(x)]
         )
-        return [NamedSharding(mesh, s) for s in self.specs(fun, args, kwargs, mesh)]
+        return [NamedSharding(mesh, s) for s in specs]
 
     def specs(self, fun: Any, args: tuple, kwargs: dict, mesh: AnyMesh) -> list[P]:
         """One checked `PartitionSpec` per array leaf of the call."""
@@ -141,8 +221,8 @@ class _ShardMap:
 def filter_shard_map(
     fun: None = None,
     *,
-    in_specs: PyTree[SpecLeaf],
     out_specs: PyTree[SpecLeaf],
+    in_specs: PyTree[SpecLeaf] = INFERRED,
     mesh: AnyMesh | None = None,
     axis_names: Set[Hashable] | None = None,
     check_vma: bool = True,
@@ -154,8 +234,8 @@ def filter_shard_map(
 def filter_shard_map(
     fun: Callable[..., Any],
     *,
-    in_specs: PyTree[SpecLeaf],
     out_specs: PyTree[SpecLeaf],
+    in_specs: PyTree[SpecLeaf] = INFERRED,
     mesh: AnyMesh | None = None,
     axis_names: Set[Hashable] | None = None,
     check_vma: bool = True,
@@ -166,8 +246,8 @@ def filter_shard_map(
 def filter_shard_map(
     fun: Checked[Callable[..., Any] | None] = None,
     *,
-    in_specs: PyTree[SpecLeaf],
     out_specs: PyTree[SpecLeaf],
+    in_specs: Checked[PyTree[SpecLeaf]] = INFERRED,
     mesh: Checked[AnyMesh | None] = None,
     axis_names: Checked[Set[Hashable] | None] = None,
     check_vma: Checked[bool] = True,
@@ -184,7 +264,15 @@ def filter_shard_map(
     - `in_specs`: a pytree prefix of the arguments with `PartitionSpec` leaves (or
         `None`, meaning `P()`, or callables `leaf -> PartitionSpec`): one spec for
         all arguments, a tuple with one entry per positional argument, or a dict
-        keyed by parameter name (required for keyword arguments).
+        keyed by parameter name (required for keyword arguments). Left out, each
+        array's spec is read from where it is placed on the mesh (as
+        `jax.shard_map` infers specs on Explicit meshes): place a model with
+        [`eqpar.filter_device_put`][] and [`eqpar.partition_specs`][] and pass it
+        as it is; an array with no placement on the mesh raises `eqpar.SpecError`
+        naming it. An array placed over several devices in another way than its
+        spec asks is re-laid out for the call with an `eqpar.EqparWarning` naming
+        it (a sharded model silently gathered onto every device is a cost you would
+        not otherwise see).
     - `out_specs`: a pytree prefix of the output, with the same kinds of leaves.
         Non-array outputs come back as they are.
     - `mesh`: the mesh; `None` uses the context mesh (`with jax.set_mesh(mesh):`),
@@ -231,7 +319,9 @@ def filter_shard_map(
         return Compiled(
             Backend(
                 backend.run,
-                context=backend.context if mesh is None else None,
+                context=backend.context
+                if mesh is None or in_specs is INFERRED
+                else None,
                 targets=backend.targets,
                 check=eager_autodiff_check(mesh, "filter_shard_map"),
             ),

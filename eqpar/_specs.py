@@ -400,9 +400,17 @@ def check_spec(spec: P, mesh: AnyMesh, where: Callable[[], str], what: str) -> N
 
 
 def check_divides(
-    spec: P, shape: tuple[int, ...], mesh: AnyMesh, where: Callable[[], str], what: str
+    spec: P,
+    shape: tuple[int, ...],
+    mesh: AnyMesh,
+    where: Callable[[], str],
+    what: str,
+    dimension: Callable[[int], str] | None = None,
+    more: str = "",
 ) -> None:
-    """Raises eqpar errors for a spec that does not fit an array of `shape`."""
+    """Raises eqpar errors for a spec that does not fit an array of `shape`;
+    `dimension(d)` names dimension `d` in the message (e.g. with its jaxtyping
+    name), `more` is appended to its advice."""
     if len(spec) > len(shape):
         raise SpecError(
             f"{what} gives {spec} ({len(spec)} dimensions) for {where()}, which has "
@@ -415,11 +423,12 @@ def check_divides(
         axes = entry if isinstance(entry, tuple) else (entry,)
         devices = math.prod(mesh.shape[a] for a in axes)
         if shape[dim] % devices:
+            named = f"dimension {dim}" if dimension is None else dimension(dim)
             raise AxisSizeError(
-                f"{where()} has size {shape[dim]} along dimension {dim}, which {what} "
+                f"{where()} has size {shape[dim]} along {named}, which {what} "
                 f"({spec}) splits over mesh axes {axes} of {devices} devices; "
                 f"{shape[dim]} is not a multiple of {devices}. Pad it to a multiple "
                 f"of {devices} (e.g. `eqpar.pad_batch`, which also returns the "
                 "number of real rows) and ignore the padded rows, or let "
-                "`eqpar.Parallel` pad and trim for you."
+                f"`eqpar.Parallel` pad and trim for you.{more}"
             )

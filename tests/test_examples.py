@@ -19,6 +19,7 @@ SMALL = {  # the flags that make each example small enough for CI
     "ensembles": [],
     "shard_map_kernels": [],
     "multiprocess_training": ["--steps", "3"],  # one process here; see test_distributed
+    "model_parallel": ["--steps", "3"],
 }
 WRITES = {  # what each example writes into --out (and nothing anywhere else)
     "microscope": ["microscope.png"],
@@ -27,6 +28,7 @@ WRITES = {  # what each example writes into --out (and nothing anywhere else)
     "ensembles": ["ensemble.png"],
     "shard_map_kernels": [],
     "multiprocess_training": ["params_1x8.npz"],
+    "model_parallel": [],
 }
 
 

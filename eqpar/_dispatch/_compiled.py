@@ -43,8 +43,9 @@ class Backend:
 
     - `run(fun, args, kwargs, context)`: the transform itself, traced inside
         `jax.jit` (e.g. a `jax.shard_map` of `fun`); returns the output pytree.
-    - `context()`: computed on every call and part of the program's key (e.g. the
-        context mesh); `None`: no context.
+    - `context(fun, args, kwargs)`: computed on every call and part of the
+        program's key (e.g. the context mesh, or specs read from where the
+        arguments are placed); `None`: no context.
     - `targets(fun, args, kwargs, context)`: where each array leaf should be
         placed before the call (a sharding, or `None` to leave it), computed once
         per program and input shapes, outside any trace; `None`: no placement.
@@ -53,7 +54,7 @@ class Backend:
     """
 
     run: Callable[[Any, tuple, dict, Any], Any]
-    context: Callable[[], Hashable] | None = None
+    context: Callable[[Any, tuple, dict], Hashable] | None = None
     targets: Callable[[Any, tuple, dict, Any], Sequence[Any] | None] | None = None
     check: Callable[[tuple, dict], None] | None = None
 
@@ -95,7 +96,9 @@ class Compiled:
             parts = split_call(fun, args, kwargs)
             context = self._backend.context
             key, arrays = key_of(
-                parts, bool(kwargs), None if context is None else context()
+                parts,
+                bool(kwargs),
+                None if context is None else context(fun, args, kwargs),
             )
             program = self._programs.get(key)
         except TypeError:

@@ -205,10 +205,13 @@ class Program:
             if found is None:
                 return arrays
             targets = self._by_shape.get_or_make(shapes, lambda: tuple(found))
-        placed, moved = _placement_cache.place(arrays, targets)
+        placed = _placement_cache.place(arrays, targets)
         self._last = targets
-        if moved and self.donating:
-            if any(placed[i] is not arrays[i] for i in self._donated_idx):
+        if placed.relaid:
+            names = self._names(fun, args, kwargs)
+            warn(_relaid(names, arrays, targets, placed.relaid))
+        if placed.moved and self.donating:
+            if any(placed.arrays[i] is not arrays[i] for i in self._donated_idx):
                 warn(
                     "eqpar: an input to donate was not on the devices the compiled "
                     "program runs on, so it was copied there first and the copy was "
@@ -217,7 +220,7 @@ class Program:
                     "`eqpar.replicate`, or the outputs of the previous step) to "
                     "donate them."
                 )
-        return placed
+        return placed.arrays
 
     def _deleted(
         self, i: int, fun: Any, args: tuple, kwargs: dict
@@ -237,6 +240,26 @@ class Program:
     def call_compiled(self, executable: Any, arrays: tuple[Any, ...]) -> Any:
         """Calls an ahead-of-time `executable` of this program (see `lower`)."""
         return output(executable(*self._split(arrays)))
+
+
+def _relaid(
+    names: list[str], arrays: Sequence[Any], targets: Sequence[Any], relaid: list[int]
+) -> str:
+    def layout(sharding: Any) -> str:
+        return str(getattr(sharding, "spec", sharding))
+
+    listed = "; ".join(
+        f"{names[i]}: placed as {layout(arrays[i].sharding)}, "
+        f"the call asks for {layout(targets[i])}"
+        for i in relaid
+    )
+    return (
+        f"eqpar: an argument sharded over several devices was gathered before the "
+        f"call, because this call asks for less sharding (e.g. a sharded model "
+        f"copied whole onto every device): {listed}. Give it the spec it has "
+        "(leave `in_specs` out to use each argument's placement), or place it as "
+        "the call asks first."
+    )
 
 
 def getter(idx: Sequence[int]) -> Callable[[Sequence[Any]], tuple]:
