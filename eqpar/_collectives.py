@@ -11,9 +11,12 @@ axis size and `pmean(2.5, name)` is `2.5`.
 
 Replication typing (`check_vma=True` in `shard_map`): an invariant value (one that is
 the same on every device, e.g. a `P()` input) is cast to varying before a collective
-that needs a varying operand, so every collective accepts any operand, now and when
-JAX stops casting implicitly. `psum` of an invariant value is `size * value`, exactly
-as under `vmap`.
+that needs a varying operand (`all_gather`, `pmax`, ...), so those accept any
+operand, now and when JAX stops casting implicitly. `psum` and `pmean` of an
+invariant floating-point array are errors (`eqpar.ReplicationError`): the value is
+the same everywhere already, and the usual way to get one is the gradient of a
+replicated parameter, which autodiff has already summed over the devices, so
+averaging it again would give n times the mean gradient.
 """
 
 from collections.abc import Callable, Hashable
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from ._errors import AxisSizeError, SpecError, UnboundAxisError
+from ._errors import AxisSizeError, ReplicationError, SpecError, UnboundAxisError
 from ._specs import is_array
 from ._vma import (
     axis_names,
@@ -119,24 +122,52 @@ def _collective(
     cast = typed(manual)
     unmapped = _unmapped_names(axis_name)
 
-    def apply(x: Any) -> Any:
+    sums = op in (jax.lax.psum, jax.lax.pmean)
+
+    def apply(path: Any, x: Any) -> Any:
         if unmapped:
             raise vmap_axis_error(f"The axis {unmapped} of `eqpar.{_op_name(op)}`")
         x = jnp.asarray(x)
         if cast:
+            same = [a for a in manual if a not in varying_axes(x)]
+            if sums and same and jnp.issubdtype(x.dtype, jnp.inexact):
+                raise _invariant_sum_error(_op_name(op), path, same, axis_name)
             x = to_varying(x, manual)
         return op(x, axis_name, **kwargs)
 
-    def visit(x: Any) -> Any:
+    def visit(path: Any, x: Any) -> Any:
         if isinstance(x, eqx.Module):  # a Module's non-array fields are static
-            return _map_arrays(apply, x)
+            return jtu.tree_map_with_path(
+                lambda p, y: apply(path + p, y) if is_array(y) else y, x
+            )
         if is_array(x):
-            return apply(x)
+            return apply(path, x)
         if _is_number(x):
             return op(x, axis_name, **kwargs)
         return x
 
-    return jtu.tree_map(visit, tree, is_leaf=_is_module)
+    return jtu.tree_map_with_path(visit, tree, is_leaf=_is_module)
+
+
+def _invariant_sum_error(
+    op: str, path: Any, same: list[Hashable], axis_name: AxisName
+) -> ReplicationError:
+    where = jtu.keystr(path) or "(root)"
+    name = same[0]
+    return ReplicationError(
+        f"eqpar.{op} over {axis_name!r} got the leaf at {where}, which is already the "
+        f"same on every device along {same} (invariant: replication checking, "
+        f"`check_vma=True`): `pmean` would return it unchanged and `psum` n times "
+        "it. If it is the gradient of a replicated parameter, autodiff has already "
+        "summed it over the devices, so averaging it here would give n times the "
+        "mean gradient: differentiate with "
+        f"`eqpar.filter_value_and_grad_mean(loss, {name!r})` instead (or divide "
+        f"the gradient by `eqpar.axis_size({name!r})`). If it is a value that is "
+        "the same everywhere on purpose, it needs no collective. (`Parallel` and "
+        "`filter_pmap` run without replication checking, where `jax.grad` gives "
+        "each device its own gradient and `pmean` of it is the mean, as under "
+        "`jax.pmap`.)"
+    )
 
 
 def _is_module(x: Any) -> bool:
@@ -160,7 +191,10 @@ def psum(tree: PyTree, axis_name: AxisName) -> PyTree:
     **Returns:**
 
     The same structure, each array leaf replaced by its sum over the axis (the same
-    on every device).
+    on every device). Under replication checking (`filter_shard_map`'s default
+    `check_vma=True`) a floating-point leaf that is already the same on every
+    device raises `eqpar.ReplicationError` (for `psum` and `pmean` alike): it is
+    usually a gradient that autodiff has already summed over the devices.
 
     !!! example
 

@@ -76,7 +76,28 @@ def _weights(
     c = _count(count, what)
     if checked:
         c = to_varying(c, manual)
-    return c / jax.lax.psum(c, axis_name), c > 0
+    return c / checked_total(c, axis_name, what), c > 0
+
+
+def checked_total(c: Any, axis_name: AxisName, what: str) -> Any:
+    """`psum(c)` over the axis, checked when the program runs: a negative count, or
+    no real example on any device, is an error (a weighted mean of them would be
+    silently wrong, or NaN)."""
+    total = jax.lax.psum(c, axis_name)
+    negative = jax.lax.psum((c < 0).astype(jnp.int32), axis_name)
+    total = eqx.error_if(
+        total,
+        negative > 0,
+        f"eqpar.{what}: a `count` is negative; each device's count is the number "
+        "of its real examples (e.g. `jnp.sum(mask)`), 0 or more.",
+    )
+    return eqx.error_if(
+        total,
+        total == 0,
+        f"eqpar.{what}: every device's `count` is 0, so there is no real example "
+        "to average over (the mean of nothing is undefined). Skip this step, or "
+        "leave out a batch that is all padding.",
+    )
 
 
 def _psum_kept(
@@ -421,7 +442,7 @@ def mean_of_grads(
     c = _count(count, what)
     if checked:
         c = to_varying(c, manual)
-    total = jax.lax.psum(c, axis_name)
+    total = checked_total(c, axis_name, what)
     keep = c > 0
     weighted = jtu.tree_map(
         lambda g: (

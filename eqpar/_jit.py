@@ -7,6 +7,7 @@ leaves costs, where `equinox.filter_jit` costs several times that.
 """
 
 from collections.abc import Callable
+from types import FunctionType
 from typing import Any, overload
 
 from ._dispatch import (
@@ -78,6 +79,16 @@ def filter_jit(
         assert forward(model, jnp.ones((8, 4))).shape == (8, 2)
         ```
     """
-    donate = check_donate(donate)
-    caller = shared("jit", donate, lambda: Compiled(_BACKEND, donate=donate))
+    # Wrappers are often built inline, once per call: the common case first.
+    caller = _CALLERS.get(donate) if type(donate) is str else None
+    if caller is None:
+        donate = check_donate(donate)
+        caller = shared("jit", donate, lambda: Compiled(_BACKEND, donate=donate))
+        _CALLERS[donate] = caller
+    if type(fun) is FunctionType:
+        return transformed(fun, caller)
     return decorator_or_call(fun, lambda f: transformed(f, caller), "filter_jit")
+
+
+# `donate` -> the shared caller: at most five entries (see `shared`).
+_CALLERS: dict[str, Compiled] = {}

@@ -202,12 +202,17 @@ class _Parallel:
         stacked: list[bool] = []  # per output array: a stack left to reduce
         out_specs: list[P] = []
 
-        def per_device(*blocks: Any) -> Any:
+        def call(*blocks: Any) -> Any:
             new = list(leaves)
             for i, block in zip(where, blocks):
                 new[i] = block
             f, a, k = treedef.unflatten(new)
-            out = f(*a, **k)
+            return f(*a, **k)
+
+        def per_device(*blocks: Any) -> Any:
+            if split.pad:  # padded rows must not reach a collective
+                _refuse_collectives(jax.make_jaxpr(call)(*blocks), name, split)
+            out = call(*blocks)
             out_leaves, out_def = jtu.tree_flatten(out)
             new_leaves = []
             stacked.clear()
@@ -256,6 +261,47 @@ class _Parallel:
             else self.reduce
         )
         return [fn(gather(mesh, x)) if s else x for x, s in zip(outs, stacked)]
+
+
+# Primitives that name an axis but move nothing between devices.
+_LOCAL = frozenset({"axis_index", "pvary", "pcast"})
+
+
+def _refuse_collectives(jaxpr: Any, axis_name: Hashable, split: _Split) -> None:
+    """Raises if the traced per-device function communicates over `axis_name`."""
+    found = _collective_over(jaxpr.jaxpr, axis_name)
+    if found is None:
+        return
+    total = split.size + split.pad
+    raise AxisSizeError(
+        f"Parallel(reduce='concat') pads this batch of {split.size} examples to "
+        f"{total} (repeating the last example, to fill every device), and `fun` "
+        f"calls a collective over {axis_name!r} (`{found}`): the padded rows would "
+        "enter it (a batch mean, a sum, BatchNorm statistics) and change the "
+        "result. Give Parallel a batch that divides over the devices: pad it "
+        "yourself (`eqpar.pad_batch`, which returns the number of real rows) and "
+        "mask the padded rows in the reduction (e.g. the `count=` of "
+        "`eqpar.filter_value_and_grad_mean`), or reduce outside `fun`."
+    )
+
+
+def _collective_over(jaxpr: Any, axis_name: Hashable) -> str | None:
+    """The name of a primitive in `jaxpr` (or a jaxpr inside it) that communicates
+    over `axis_name`, or None."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name not in _LOCAL:
+            for key in ("axes", "axis_name"):
+                axes = eqn.params.get(key)
+                if axes == axis_name or (isinstance(axes, tuple) and axis_name in axes):
+                    return eqn.primitive.name
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found = _collective_over(inner, axis_name)
+                    if found is not None:
+                        return found
+    return None
 
 
 def _check_sizes(
@@ -372,10 +418,15 @@ class Parallel(eqx.Module):
         the arguments it names their spec and the others this default.
     - `mesh`: a mesh with an axis `axis_name` (default: all devices, Auto axes).
     - `check_vma`: replication typing in the per-device program, as for
-        [`eqpar.filter_shard_map`][]. Pass `False` for collectives over a
-        `filter_vmap` axis inside `fun` (e.g. a data-parallel
-        `eqx.nn.BatchNorm(axis_name=(axis_name, "batch"))`), which JAX cannot type;
-        `"first"`/`"mean"` then treat every output as per device.
+        [`eqpar.filter_shard_map`][]. Off by default: `Parallel` has `jax.pmap`'s
+        (and Objax's) semantics, where `jax.grad` inside `fun` gives each device its
+        own gradient, so the Objax step `pmean(jax.grad(loss)(w, x), axis_name)`
+        is the mean gradient, and every output may differ between devices
+        (`"first"`/`"mean"` stack them). `True` types replication as
+        `filter_shard_map` does: an output the same on every device comes back
+        without a stack, but the gradient of a broadcast parameter is then already
+        summed over the devices (`eqpar.pmean` of it raises
+        `eqpar.ReplicationError`; use [`eqpar.filter_value_and_grad_mean`][]).
     - `donate`: which input buffers the compiled call may reuse, as for
         [`eqpar.filter_jit`][] (`"none"`, the default, `"all"`,
         `"all-except-first"`, `"warn"`, `"warn-except-first"`).
@@ -388,7 +439,13 @@ class Parallel(eqx.Module):
     (`eqpar.EqparWarning`). A legacy `jax.random.PRNGKey` (`uint32[2]`) is not a
     key to `Parallel`, only data: pass a typed key.
 
-    **Autodiff on an Explicit mesh:** with `mesh=eqpar.data_mesh()` (Explicit axes),
+    **Padding and collectives:** a batch that does not divide over the devices is
+    padded only for `reduce="concat"`, and only when `fun` calls no collective over
+    `axis_name` (the padded rows would enter it: a batch mean, a `psum`, BatchNorm
+    statistics); otherwise `Parallel` raises `eqpar.AxisSizeError` saying how to
+    pad and mask yourself.
+
+    **Autodiff on an Explicit mesh:** with a mesh whose axes are Explicit,
     differentiate under `with jax.set_mesh(mesh):` or inside `jit`; outside both,
     `Parallel` raises `eqpar.MeshError` (JAX cannot do it).
 
@@ -418,7 +475,7 @@ class Parallel(eqx.Module):
         axis_name: Hashable | None = None,
         in_axes: PyTree[AxisSpec] = BATCH,
         mesh: Checked[Mesh | None] = None,
-        check_vma: Checked[bool] = True,
+        check_vma: Checked[bool] = False,
         donate: Checked[Donate] = "none",
     ):
         if not callable(fun):

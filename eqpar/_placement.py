@@ -29,32 +29,42 @@ from ._specs import (
 )
 
 
-def data_mesh(axis_name: str = "data", devices: Sequence[Any] | None = None) -> Mesh:
+def data_mesh(
+    axis_name: str = "data",
+    devices: Sequence[Any] | None = None,
+    *,
+    explicit: bool = False,
+) -> Mesh:
     """A 1-D mesh over all devices (or the given ones), for data parallelism.
 
     **Arguments:**
 
     - `axis_name`: the name of its one axis.
     - `devices`: the devices, in order (default: `jax.devices()`).
+    - `explicit`: give the axis JAX's Explicit type instead of Auto.
 
     **Returns:**
 
-    A `jax.sharding.Mesh` with JAX's default (Explicit) axis type, usable as
-    `mesh=` or as a context mesh (`with jax.set_mesh(eqpar.data_mesh()):`).
+    A `jax.sharding.Mesh`, usable as `mesh=` or as a context mesh
+    (`with jax.set_mesh(eqpar.data_mesh()):`). Its axis is Auto by default, so that
+    the obvious next line works: outputs can be indexed eagerly (`y[0]`), arrays
+    placed on it pass to `Parallel` on all devices, and `jax.grad` works outside
+    `jit`. For a 2-D mesh (model sharding), `jax.make_mesh((2, 4), ("data",
+    "model"))`.
 
     !!! warning
 
-        Explicit axes make sharding part of an array's type, and JAX then needs the
-        mesh as context to differentiate outside `jit`: `jax.grad` of an eager
-        `filter_shard_map` or `Parallel` call on this mesh raises
-        `eqpar.MeshError`. Differentiate under `with jax.set_mesh(mesh):`, or
-        inside `jax.jit` / `eqpar.filter_jit`. (A mesh with Auto axes has no such
-        requirement.)
+        With `explicit=True` sharding is part of an array's type: JAX then needs
+        the mesh as context to differentiate outside `jit` (eqpar raises
+        `eqpar.MeshError` for `jax.grad` of an eager call), and a sharded output
+        must be gathered (`eqpar.filter_device_put(y, P(), mesh=mesh)`) before it
+        is indexed eagerly.
     """
     devs = list(jax.devices() if devices is None else devices)
     if not devs:
         raise MeshError("`devices` must be non-empty (or None for all devices).")
-    return jax.make_mesh((len(devs),), (axis_name,), devices=devs)
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    return jax.make_mesh((len(devs),), (axis_name,), devices=devs, axis_types=(kind,))
 
 
 def _mesh_or_context(mesh: AnyMesh | None, who: str) -> AnyMesh:

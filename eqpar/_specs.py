@@ -31,7 +31,8 @@ from ._errors import AxisSizeError, MeshError, SpecError
 # ----------------------------------------------------------------------------------
 # Array or not
 
-_ARRAY_TYPES: set[type] = set()
+ARRAY_TYPES: set[type] = set()
+"""The types `is_array` has seen to be arrays (a set lookup for hot loops)."""
 _STATIC_TYPES: set[type] = set()
 
 
@@ -42,12 +43,12 @@ def is_array(x: Any) -> bool:
     of every call, so it must cost a set lookup, not an `isinstance` against an ABC.
     """
     t = type(x)
-    if t in _ARRAY_TYPES:
+    if t in ARRAY_TYPES:
         return True
     if t in _STATIC_TYPES:
         return False
     answer = isinstance(x, (jax.Array, np.ndarray, np.generic))
-    (_ARRAY_TYPES if answer else _STATIC_TYPES).add(t)
+    (ARRAY_TYPES if answer else _STATIC_TYPES).add(t)
     return answer
 
 
@@ -89,7 +90,7 @@ def split_leaves(leaves: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     signature = []
     for leaf in leaves:
         t = type(leaf)
-        if t in _ARRAY_TYPES or (t not in _STATIC_TYPES and is_array(leaf)):
+        if t in ARRAY_TYPES or (t not in _STATIC_TYPES and is_array(leaf)):
             arrays.append(leaf)
             signature.append(DYNAMIC)
         else:

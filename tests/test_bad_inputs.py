@@ -78,7 +78,7 @@ def _centred(x):  # what the collectives above compute, on one device
 
 
 def _grad_explicit(kind: str, context: bool):
-    mesh = eqpar.data_mesh()
+    mesh = eqpar.data_mesh(explicit=True)
     x = jnp.arange(16.0)
     if kind == "Parallel":
         f = eqpar.Parallel(lambda w, x: w * x, in_axes=(None, 0), mesh=mesh)
@@ -443,8 +443,12 @@ ROWS = [
     ),
     Row(
         "shard_map/input-on-another-explicit-mesh",
-        lambda: sm(lambda x: x, mesh=eqpar.data_mesh("data", jax.devices()[:4]))(
-            eqpar.filter_device_put(jnp.ones(8), P("data"), mesh=eqpar.data_mesh())
+        lambda: sm(
+            lambda x: x, mesh=eqpar.data_mesh("data", jax.devices()[:4], explicit=True)
+        )(
+            eqpar.filter_device_put(
+                jnp.ones(8), P("data"), mesh=eqpar.data_mesh(explicit=True)
+            )
         ),
         eqpar.MeshError,
         "Explicit axes.*filter_device_put",

@@ -92,8 +92,13 @@ def test_threads_with_mixed_shapes_give_what_serial_calls_give(name, warm):
     start = threading.Barrier(4)
 
     def run(worker: int) -> list[tuple[int, object]]:
+        # Each call waits for its result: many multi-device programs left in flight
+        # from several threads can hang XLA's CPU backend (raw `jax.pmap` too).
         start.wait()
-        return [(i, rows(f(model, batches[i]))) for i in jobs[worker::4]]
+        return [
+            (i, jax.block_until_ready(rows(f(model, batches[i]))))
+            for i in jobs[worker::4]
+        ]
 
     with ThreadPoolExecutor(4) as pool:
         results = [r for rs in pool.map(run, range(4)) for r in rs]
@@ -107,7 +112,10 @@ def test_threads_building_wrappers_inline_share_one_trace():
     model, x = _model(), jnp.ones((16, 4))
 
     def run(_: int) -> object:
-        return [eqpar.filter_jit(counter)(model, x) for _ in range(20)]
+        return [
+            jax.block_until_ready(eqpar.filter_jit(counter)(model, x))
+            for _ in range(20)
+        ]
 
     with ThreadPoolExecutor(4) as pool:
         for outs in pool.map(run, range(4)):

@@ -104,6 +104,30 @@ def _route_grad_mean(kind, model, x, y, mask):
     return None, grads
 
 
+def _route_pmean_of_grads(kind, model, x, y, mask):
+    """The Objax / `jax.pmap` idiom: each device's gradient, averaged."""
+    loss, _, _, decay = KINDS[kind]
+    grads = eqx.filter_grad(decay_loss if decay == "before" else loss)(
+        model, x, y, mask
+    )
+    grads = eqpar.pmean(grads, AX)
+    return None, _add_decay(grads, model) if decay == "after" else grads
+
+
+def _route_psum_of_grads(kind, model, x, y, mask):
+    """The same with `psum` and a division by the number of devices."""
+    loss, _, _, decay = KINDS[kind]
+    grads = eqx.filter_grad(decay_loss if decay == "before" else loss)(
+        model, x, y, mask
+    )
+    n = eqpar.axis_size(AX)
+    grads = jax.tree.map(lambda g: g / n, eqpar.psum(grads, AX))
+    return None, _add_decay(grads, model) if decay == "after" else grads
+
+
+# Kinds a plain average of per-device gradients is right for: per-device losses.
+PER_DEVICE = ["per_device_mean", "weight_decay_before", "weight_decay_after"]
+
 # route -> (function, the loss kinds it is documented for). `grad_mean(count=)`
 # weights per-device losses; with a loss already normalised across devices its
 # docstring says to leave `count` out, and without replication types (vmap, pmap,
@@ -114,7 +138,12 @@ ROUTES = {
         _route_grad_mean,
         [k for k in KINDS if k != "global_count_loss_and_count"],
     ),
+    "pmean_of_grads": (_route_pmean_of_grads, PER_DEVICE),
+    "psum_of_grads_over_n": (_route_psum_of_grads, PER_DEVICE),
 }
+# Routes that average gradients they did not compute: under replication typing a
+# replicated parameter's gradient is already summed over the devices, so they raise.
+AVERAGING = {"grad_mean", "pmean_of_grads", "psum_of_grads_over_n"}
 
 
 @ft.cache
@@ -139,7 +168,8 @@ def _reference(kind):
         value = jnp.mean(_per_example(m, x, y))
         return value + WD * _sum_squares(m) if decay == "before" else value
 
-    value, grads = eqx.filter_value_and_grad(loss)(model)
+    # Compiled: eagerly, each of its many small operations would compile alone.
+    value, grads = eqx.filter_jit(eqx.filter_value_and_grad(loss))(model)
     return value, (_add_decay(grads, model) if decay == "after" else grads)
 
 
@@ -186,7 +216,7 @@ def _pmap(n):
     return run
 
 
-def _parallel(n):
+def _parallel(n, check_vma=False):
     def run(body, model, x, y, mask):
         return eqpar.Parallel(
             body,
@@ -194,6 +224,7 @@ def _parallel(n):
             axis_name=AX,
             in_axes=(None, 0, 0, 0),
             mesh=_mesh(n, AxisType.Auto),
+            check_vma=check_vma,
         )(model, x, y, mask)
 
     return run
@@ -216,7 +247,8 @@ TRANSFORMS = {
         lambda n: _stack_shard_map(n, AxisType.Explicit, False),
         False,
     ),
-    "Parallel": (_parallel, True),
+    "Parallel": (_parallel, False),  # jax.pmap's semantics by default
+    "Parallel_checked": (lambda n: _parallel(n, check_vma=True), True),
 }
 
 
@@ -243,15 +275,22 @@ def test_gradient_matrix(route, transform, devices):
     results = jax.device_get(make_runner(devices)(body, model, x, y, mask))
     assert traced, "the per-device body was not traced: nothing was checked"
 
-    # The only documented error: grad_mean on invariant gradients (the gradient of
-    # a replicated parameter under check_vma=True).
-    should_raise = route == "grad_mean" and typed
+    # The only documented errors: averaging an invariant gradient (the gradient of
+    # a replicated parameter under check_vma=True), never n times the mean.
+    should_raise = route in AVERAGING and typed
     for kind in kinds:
         if should_raise:
             assert kind in raised, f"{kind}: expected eqpar.ReplicationError"
             message = str(raised[kind])
-            assert "cannot say which" in message
-            assert "eqpar.filter_value_and_grad_mean(loss, 'd')(model, x, y)" in message
+            if route == "grad_mean":
+                assert "cannot say which" in message
+                assert (
+                    "eqpar.filter_value_and_grad_mean(loss, 'd')(model, x, y)"
+                    in message
+                )
+            else:
+                assert "already the same on every device" in message
+                assert "eqpar.filter_value_and_grad_mean(loss, 'd')" in message
             continue
         assert kind not in raised, f"{kind}: unexpected {raised.get(kind)}"
         ref_value, ref_grads = _reference(kind)

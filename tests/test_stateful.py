@@ -100,7 +100,7 @@ def test_batchnorm_with_replication_checking_says_which_switch(who, getkey):
     bn, state = _model_and_state()
     x = _batch(getkey)
     if who == "Parallel":
-        f = eqpar.Parallel(_per_device, reduce=None)
+        f = eqpar.Parallel(_per_device, reduce=None, check_vma=True)
     else:
         f = eqpar.filter_shard_map(
             _per_device,

@@ -76,13 +76,14 @@ class Compiled:
 
     def __init__(self, backend: Backend, *, donate: Donate = "none"):
         self._backend = backend
+        self._check = backend.check
+        self._context = backend.context
         self._donate: Donate = check_donate(donate)
         self._programs: Bounded[Program] = Bounded(MAX_PROGRAMS)
 
     def __call__(self, fun: Any, args: tuple, kwargs: dict) -> Any:
-        check = self._backend.check
-        if check is not None:
-            check(args, kwargs)
+        if self._check is not None:
+            self._check(args, kwargs)
         program, arrays = self._lookup(fun, args, kwargs)
         return program(arrays, fun, args, kwargs)
 
@@ -94,7 +95,7 @@ class Compiled:
     def _lookup(self, fun: Any, args: tuple, kwargs: dict) -> tuple[Program, tuple]:
         try:
             parts = split_call(fun, args, kwargs)
-            context = self._backend.context
+            context = self._context
             key, arrays = key_of(
                 parts,
                 bool(kwargs),

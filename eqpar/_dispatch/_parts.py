@@ -24,7 +24,7 @@ from typing import Any
 import equinox as eqx
 import jax.tree_util as jtu
 
-from .._specs import DYNAMIC, is_array
+from .._specs import ARRAY_TYPES, DYNAMIC, is_array
 from ._tables import Bounded
 
 
@@ -112,7 +112,7 @@ def split_call(fun: Any, args: tuple, kwargs: dict) -> list[Part]:
 
 def part(x: Any) -> Part:
     """One argument's part (a remembered Module's without flattening it)."""
-    if is_array(x):
+    if type(x) in ARRAY_TYPES or is_array(x):
         return (ARRAY, (x,), ())
     if type(x) is types.FunctionType:
         return (PLAIN_FUNCTION, (), (x,))

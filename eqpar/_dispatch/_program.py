@@ -166,7 +166,8 @@ class Program:
     ) -> Any:
         if self._checks:
             arrays = self.prepare(arrays, fun, args, kwargs)
-        return output(self._call(arrays))
+        out = self._call(arrays)
+        return out if type(out) is not _WithStatic else output(out)
 
     def _donating_call(self, arrays: tuple[Any, ...]) -> Any:
         if not self._quiet:
