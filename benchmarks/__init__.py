@@ -10,12 +10,9 @@ runner (`__main__.py`) prints the markdown, appends it to `RESULTS.md` and draws
 
 BENCHMARKS = (
     "dispatch",
-    "dispatch_scale",
-    "paths",
     "scaling",
     "memory",
     "chunking",
-    "retracing",
     "training",
 )
 """Registered benchmarks, in the order the runner runs them."""

@@ -47,6 +47,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="print only; leave RESULTS.md alone",
     )
     parser.add_argument("--no-plots", action="store_true", help="draw no PNGs")
+    parser.add_argument(
+        "--plots-dir",
+        type=pathlib.Path,
+        default=HERE,
+        help="where to draw the PNGs (default: benchmarks/)",
+    )
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
@@ -87,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"=== {name}{' (quick)' if args.quick else ''}", flush=True)
         result = run_one(name, args.quick)
         if not args.no_plots:
-            size = save_plot(result, HERE / f"{name}.png")
+            size = save_plot(result, args.plots_dir / f"{name}.png")
             if size is not None:
-                print(f"(plot: benchmarks/{name}.png, {size // 1024} KB)")
+                print(f"(plot: {args.plots_dir / name}.png, {size // 1024} KB)")
         print(result.markdown(), flush=True)
         results.append(result)
         jax.clear_caches()

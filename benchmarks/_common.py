@@ -66,10 +66,6 @@ def blocking(fn: Callable[[], Any]) -> Callable[[], Any]:
     return lambda: jax.block_until_ready(fn())
 
 
-def summary(samples: list[float]) -> tuple[float, float, float]:
-    return statistics.median(samples), min(samples), max(samples)
-
-
 def machine() -> str:
     import equinox
     import jax
@@ -232,14 +228,6 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "")
     for row in rows:
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
     return "\n".join(lines)
-
-
-def us(seconds: float) -> str:
-    return f"{seconds * 1e6:.1f}"
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f}"
 
 
 def spread(samples: Sequence[float], scale: float = 1e6, fmt: str = ".1f") -> str:
