@@ -22,6 +22,7 @@ target sharding:
 
 import math
 import os
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -177,8 +178,12 @@ def _nbytes(copy: Any) -> int:
     return math.prod(shard) * copy.dtype.itemsize * len(sharding.device_set)
 
 
-def _forget_source(key: int, ref: weakref.ref) -> None:
-    """The source died: its copies go."""
+def _forget_source(
+    key: int, ref: weakref.ref, finalizing: Any = sys.is_finalizing
+) -> None:
+    """The source died: its copies go (at interpreter exit, nothing to do)."""
+    if finalizing():
+        return
     with _lock:
         source = _sources.get(key)
         if source is None or source.ref is not ref:
@@ -241,7 +246,9 @@ def _remember(x: Any, target: Any, placed: Any) -> None:
         if source is not None:  # an id reused by a new array: the old one is dead
             for old in list(source.copies.values()):
                 _drop(old)
-        source = _Source(weakref.ref(x, lambda ref, key=key: _forget_source(key, ref)))
+        source = _Source(
+            weakref.ref(x, lambda ref, key=key, forget=_forget_source: forget(key, ref))
+        )
         _sources[key] = source
     copy = _Copy((key, target), placed, nbytes)
     previous = source.copies.get(target)

@@ -142,16 +142,16 @@ def part(x: Any) -> Part:
 
 
 def _remember(module: Any, made: Part) -> None:
-    key = id(module)
-    record = (weakref.ref(module, lambda _: _forget(key, record)), made)
-    if len(_RECORDS) >= MAX_RECORDS:
-        _RECORDS.pop(next(iter(_RECORDS)), None)
-    _RECORDS[key] = record
+    key, records = id(module), _RECORDS
 
+    def forget(_: Any) -> None:  # only closed-over names: safe at interpreter exit
+        if records.get(key) is record:
+            records.pop(key, None)
 
-def _forget(key: int, record: tuple) -> None:
-    if _RECORDS.get(key) is record:
-        _RECORDS.pop(key, None)
+    record = (weakref.ref(module, forget), made)
+    if len(records) >= MAX_RECORDS:
+        records.pop(next(iter(records)), None)
+    records[key] = record
 
 
 def key_of(parts: list[Part], has_kwargs: bool, context: Hashable) -> tuple:

@@ -102,11 +102,12 @@ def transformed(fun: Callable, caller: Any) -> Transformed:
     if found is not None and found[0]() is fun:
         return found[1].unflatten((fun,))
     wrapper = Transformed(fun, caller)
+    structures = _STRUCTURES  # closed over: safe at interpreter exit
     entry = (
-        weakref.ref(fun, lambda _: _STRUCTURES.discard(key, entry)),
+        weakref.ref(fun, lambda _: structures.discard(key, entry)),
         jtu.tree_structure(wrapper),
     )
-    _STRUCTURES.put(key, entry)
+    structures.put(key, entry)
     return wrapper
 
 
