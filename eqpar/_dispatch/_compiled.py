@@ -27,7 +27,7 @@ import jax.tree_util as jtu
 
 from .._errors import SpecError
 from .._specs import is_array, leaf_names
-from ._parts import key_of, METHOD_FUNCTION, Part, split_call, Token
+from ._parts import METHOD_FUNCTION, Part, split_call, Token
 from ._program import check_donate, Donate, Program, split_output
 from ._tables import Bounded
 
@@ -93,12 +93,12 @@ class Compiled:
         return Lowered(program.lower(arrays), self, program, fun)
 
     def _lookup(self, fun: Any, args: tuple, kwargs: dict) -> tuple[Program, tuple]:
+        context = self._context
         try:
-            parts = split_call(fun, args, kwargs)
-            context = self._context
-            key, arrays = key_of(
-                parts,
-                bool(kwargs),
+            parts, key, arrays = split_call(
+                fun,
+                args,
+                kwargs,
                 None if context is None else context(fun, args, kwargs),
             )
             program = self._programs.get(key)

@@ -97,9 +97,16 @@ _TOKENS: Bounded[Token] = Bounded(MAX_TOKENS)
 _RECORDS: dict[int, tuple["weakref.ref[Any]", Part]] = {}
 
 
-def split_call(fun: Any, args: tuple, kwargs: dict) -> list[Part]:
-    """The parts of `fun(*args, **kwargs)`, in the order of their leaves in the
-    flattened `(fun, args, kwargs)`."""
+def split_call(
+    fun: Any, args: tuple, kwargs: dict, context: Hashable
+) -> tuple[list[Part], tuple, tuple[Any, ...]]:
+    """The parts of `fun(*args, **kwargs)` (in the order of their leaves in the
+    flattened `(fun, args, kwargs)`), its program key, and its arrays.
+
+    The key is the context, whether there are keyword arguments, every part's token
+    and the identity of every plain function in the call (functions are held
+    weakly, see `Compiled`).
+    """
     if type(fun) is types.MethodType and isinstance(fun.__self__, eqx.Module):
         parts = [(METHOD_FUNCTION, (), (fun.__func__,)), part(fun.__self__)]
     else:
@@ -107,7 +114,16 @@ def split_call(fun: Any, args: tuple, kwargs: dict) -> list[Part]:
     parts.extend(map(part, args))
     if kwargs:
         parts.append(part(kwargs))
-    return parts
+    key: list[Any] = [context, bool(kwargs)]
+    ids: list[int] = []
+    arrays: tuple[Any, ...] = ()
+    for token, part_arrays, functions in parts:
+        key.append(token)
+        if part_arrays:  # tuple concatenation: no Python loop over the arrays
+            arrays += part_arrays
+        if functions:
+            ids.extend(map(id, functions))
+    return parts, tuple(key + ids), arrays
 
 
 def part(x: Any) -> Part:
@@ -152,19 +168,3 @@ def _remember(module: Any, made: Part) -> None:
     if len(records) >= MAX_RECORDS:
         records.pop(next(iter(records)), None)
     records[key] = record
-
-
-def key_of(parts: list[Part], has_kwargs: bool, context: Hashable) -> tuple:
-    """The program key of a call and its arrays: its context, its parts' tokens,
-    and the identity of every plain function in it (functions are held weakly, see
-    `Compiled`)."""
-    key: list[Any] = [context, has_kwargs]
-    ids: list[int] = []
-    arrays: tuple[Any, ...] = ()
-    for token, part_arrays, functions in parts:
-        key.append(token)
-        if part_arrays:  # tuple concatenation: no Python loop over the arrays
-            arrays += part_arrays
-        if functions:
-            ids.extend(map(id, functions))
-    return tuple(key + ids), arrays
