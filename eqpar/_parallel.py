@@ -32,7 +32,6 @@ from ._keys import is_legacy_key, is_scalar_key, per_example_keys
 from ._mapped import AxisSpec
 from ._placement import STACK_REDUCTIONS
 from ._runner import (
-    check_explicit_inputs,
     check_shard_map_options,
     eager_autodiff_check,
     gather,
@@ -155,7 +154,6 @@ class _Parallel:
         mesh = self.mesh if self.mesh is not None else context
         assert mesh is not None
         split = self.split(fun, args, kwargs, mesh)
-        check_explicit_inputs(mesh, [x for x in split.leaves if is_array(x)])
         out = []
         for leaf, axis, key in zip(split.leaves, split.axes, split.keys):
             if not is_array(leaf):

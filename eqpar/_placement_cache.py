@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jax.sharding import AxisType
 
 from ._specs import CONCRETE_TYPES, is_concrete_array
 
@@ -264,9 +265,19 @@ def _remember(x: Any, target: Any, placed: Any) -> None:
 _equivalent_memo: dict[tuple[Any, Any, int], bool] = {}
 
 
+def _typed_elsewhere(sharding: Any, target: Any) -> bool:
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or AxisType.Explicit not in mesh.axis_types:
+        return False
+    other = getattr(target, "mesh", None)
+    return other is None or other.abstract_mesh != mesh.abstract_mesh
+
+
 def equivalent(sharding: Any, target: Any, ndim: int) -> bool:
     """Whether an array with `sharding` is already where `target` puts it (e.g.
-    `P(None, None)` and `P()`): the compiled program takes it as it is."""
+    `P(None, None)` and `P()`): the compiled program takes it as it is. An array
+    typed on another mesh's Explicit axes is not (its type would not match the
+    program's), even on the same devices."""
     if sharding == target:
         return True
     key = (sharding, target, ndim)
@@ -274,7 +285,9 @@ def equivalent(sharding: Any, target: Any, ndim: int) -> bool:
         return _equivalent_memo[key]
     except KeyError:
         pass
-    answer = sharding.is_equivalent_to(target, ndim)
+    answer = sharding.is_equivalent_to(target, ndim) and not _typed_elsewhere(
+        sharding, target
+    )
     if len(_equivalent_memo) >= 1024:
         _equivalent_memo.clear()
     _equivalent_memo[key] = answer

@@ -126,7 +126,7 @@ def match_explicit(mesh: AnyMesh, arrays: Sequence[Any], specs: Sequence[P]) -> 
     """Explicit mesh axes make sharding part of an array's type, and shard_map
     refuses an input whose type does not already carry its spec: reshard those
     (inside the jit)."""
-    check_explicit_inputs(mesh, arrays)
+    _check_explicit_inputs(mesh, arrays)
     if not any(t == AxisType.Explicit for t in mesh.axis_types):
         return list(arrays)
     return [
@@ -137,7 +137,7 @@ def match_explicit(mesh: AnyMesh, arrays: Sequence[Any], specs: Sequence[P]) -> 
     ]
 
 
-def check_explicit_inputs(mesh: AnyMesh, arrays: Sequence[Any]) -> None:
+def _check_explicit_inputs(mesh: AnyMesh, arrays: Sequence[Any]) -> None:
     """An input typed on another mesh's Explicit axes cannot be resharded onto
     `mesh` (nor silently moved there): a clear error instead of JAX's KeyError."""
     target = mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh

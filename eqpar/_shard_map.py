@@ -22,7 +22,6 @@ from ._dispatch import (
 )
 from ._errors import Checked, SpecError
 from ._runner import (
-    check_explicit_inputs,
     check_shard_map_options,
     context_mesh,
     eager_autodiff_check,
@@ -172,9 +171,6 @@ class _ShardMap:
         mesh, specs = self._mesh_and_specs(fun, args, kwargs, context)
         if not isinstance(mesh, Mesh):
             return None
-        check_explicit_inputs(
-            mesh, [x for x in jtu.tree_leaves((fun, args, kwargs)) if is_array(x)]
-        )
         return [NamedSharding(mesh, s) for s in specs]
 
     def specs(self, fun: Any, args: tuple, kwargs: dict, mesh: AnyMesh) -> list[P]:

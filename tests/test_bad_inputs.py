@@ -443,8 +443,13 @@ ROWS = [
     ),
     Row(
         "shard_map/input-on-another-explicit-mesh",
-        lambda: sm(
-            lambda x: x, mesh=eqpar.data_mesh("data", jax.devices()[:4], explicit=True)
+        # Eagerly the input would simply be placed; inside a compiled function it
+        # cannot be resharded from one Explicit mesh to another.
+        lambda: eqpar.filter_jit(
+            sm(
+                lambda x: x,
+                mesh=eqpar.data_mesh("data", jax.devices()[:4], explicit=True),
+            )
         )(
             eqpar.filter_device_put(
                 jnp.ones(8), P("data"), mesh=eqpar.data_mesh(explicit=True)

@@ -436,3 +436,18 @@ def test_a_module_fed_back_through_shard_map_matches_one_device(axis_type):
 
 
 SETTLE_STEPS = 12
+
+
+def test_an_input_typed_on_another_explicit_mesh_is_placed_eagerly():
+    """Eagerly, an array on another mesh's Explicit axes is copied onto the call's
+    mesh like any unplaced input (its type would not fit the program as it is)."""
+    explicit = eqpar.data_mesh(explicit=True)
+    auto = _mesh()
+    x = eqpar.filter_device_put(jnp.arange(16.0), P("data"), mesh=explicit)
+    f = eqpar.filter_shard_map(
+        lambda x: 2 * x, mesh=auto, in_specs=P("data"), out_specs=P("data")
+    )
+    for _ in range(2):
+        out = f(x)
+        np.testing.assert_array_equal(out, 2 * jnp.arange(16.0))
+        assert out.sharding.mesh == auto
