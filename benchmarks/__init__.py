@@ -12,6 +12,7 @@ BENCHMARKS = (
     "dispatch",
     "scaling",
     "memory",
+    "sharding",
     "chunking",
     "training",
 )
