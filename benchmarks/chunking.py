@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 import eqpar
-from eqpar.demo import make_microscope
+from eqpar.demo.optics import make_microscope
 
 from ._common import blocking, Goal, interleaved, ratio_goal, Result, table
 

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eqpar
-from eqpar.demo import image, make_microscope
+from eqpar.demo.optics import image, make_microscope
 
 from ._common import (
     blocking,

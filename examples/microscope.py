@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from jaxtyping import Array, Float
 
     import eqpar
-    from eqpar.demo import (
+    from eqpar.demo.optics import (
         bead_volume,
         image,
         image_programs,
@@ -213,7 +213,7 @@ def _plot(
         return None
     import numpy as np
 
-    from eqpar.demo import draw_image, draw_psf
+    from eqpar.demo.plots import draw_image, draw_psf
 
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.6), layout="constrained")
     draw_psf(axes[0], axes[1], psf, z_psf, spacing)

@@ -401,6 +401,9 @@ def _sharded_step(devices, microbatch, has_aux=False):
     )
 
 
+_reference_value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(_masked_loss))
+
+
 @given(
     n=st.integers(1, 257),
     microbatch=st.integers(1, 40),
@@ -408,9 +411,11 @@ def _sharded_step(devices, microbatch, has_aux=False):
 )
 def test_microbatched_gradient_is_the_full_batch_gradient(n, microbatch, devices):
     model = eqx.nn.MLP(3, 2, 8, 1, key=jax.random.key(0))
-    x = jnp.linspace(-2.0, 2.0, n * 3).reshape(n, 3)
-    y = jnp.cos(x[:, :2])
-    ref = eqx.filter_value_and_grad(_masked_loss)(model, x, y, jnp.ones(n, bool))
+    # The data made with numpy and the reference compiled: eagerly, each new shape
+    # would compile every operation on its own.
+    x = np.linspace(-2.0, 2.0, n * 3, dtype=np.float32).reshape(n, 3)
+    x, y = jnp.asarray(x), jnp.asarray(np.cos(x[:, :2]))
+    ref = _reference_value_and_grad(model, x, y, np.ones(n, bool))
     (xp, yp), _ = eqpar.pad_batch((x, y), devices)
     out = _sharded_step(devices, microbatch)(model, xp, yp, jnp.int32(n))
     assert_tree_allclose(out, ref, rtol=1e-6, atol=1e-6)

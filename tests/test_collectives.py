@@ -166,10 +166,15 @@ def _data(getkey, n_examples=37):
     return x, y, eqx.nn.MLP(3, 2, 16, 2, key=getkey())
 
 
+# The single-device references, compiled: run eagerly, each of their many small
+# operations would compile on its own for every new shape.
+_reference_grad = eqx.filter_jit(eqx.filter_grad(_loss))
+
+
 def _single_device_sgd(model, x, y, steps, lr):
     mask = jnp.ones(x.shape[0], bool)
     for _ in range(steps):
-        grads = eqx.filter_grad(_loss)(model, x, y, mask)
+        grads = _reference_grad(model, x, y, mask)
         model = eqx.apply_updates(model, jax.tree.map(lambda g: -lr * g, grads))
     return model
 
@@ -230,31 +235,46 @@ def test_pmean_updates_in_an_optax_chain(getkey, mesh8):
     full = jnp.ones(x.shape[0], bool)
     for _ in range(5):
         parallel, state = step(parallel, state, xp, yp, mask)
-        grads = eqx.filter_grad(_loss)(single, x, y, full)
+        grads = _reference_grad(single, x, y, full)
         updates, ref_state = reference_opt.update(grads, ref_state, single)
         single = eqx.apply_updates(single, updates)
     _assert_params_close(parallel, single)
 
 
-@given(n_examples=st.integers(8, 30), devices=st.sampled_from([2, 4, 8]))
-def test_grad_mean_with_count_under_pmap_and_vmap(n_examples, devices):
-    key = jax.random.key(n_examples)
-    x = jax.random.normal(key, (n_examples, 3))
-    y = jnp.stack([jnp.sin(x[:, 0]), x[:, 1]], axis=1)
-    model = eqx.nn.MLP(3, 2, 8, 1, key=key)
-    xp, yp, mask = _padded(x, y, devices)
+def _check_grad_mean_with_count(n_examples, devices, transforms):
+    # The data made with numpy: each new shape would compile JAX's eager operations.
+    x = np.random.default_rng(n_examples).normal(size=(n_examples, 3))
+    x = x.astype(np.float32)
+    y = np.stack([np.sin(x[:, 0]), x[:, 1]], axis=1)
+    model = eqx.nn.MLP(3, 2, 8, 1, key=jax.random.key(n_examples))
+    pad = (-n_examples) % devices
+    xp, yp = np.pad(x, ((0, pad), (0, 0))), np.pad(y, ((0, pad), (0, 0)))
+    mask = np.arange(n_examples + pad) < n_examples
+    x, y, xp, yp, mask = map(jnp.asarray, (x, y, xp, yp, mask))
     shard = lambda a: a.reshape(devices, -1, *a.shape[1:])  # noqa: E731
 
     def per_device(model, x, y, mask):
         grads = eqx.filter_grad(_loss)(model, x, y, mask)
         return eqpar.grad_mean(grads, "d", count=jnp.sum(mask))
 
-    ref = eqx.filter_grad(_loss)(model, x, y, jnp.ones(n_examples, bool))
-    for transform in (eqpar.filter_pmap, eqpar.filter_vmap):
+    ref = _reference_grad(model, x, y, np.ones(n_examples, bool))
+    for transform in transforms:
         out = transform(per_device, in_axes=(None, 0, 0, 0), axis_name="d")(
             model, shard(xp), shard(yp), shard(mask)
         )
         _assert_params_close(jax.tree.map(lambda g: g[0], out), ref, rtol=2e-5)
+
+
+@given(n_examples=st.integers(8, 30), devices=st.sampled_from([2, 4, 8]))
+def test_grad_mean_with_count_under_pmap_and_vmap(n_examples, devices):
+    # filter_vmap as one compiled program: eagerly, each new shape would compile
+    # every operation on its own (the eager map is the next test's, at one size).
+    jitted_vmap = lambda f, **kw: eqx.filter_jit(eqpar.filter_vmap(f, **kw))  # noqa: E731
+    _check_grad_mean_with_count(n_examples, devices, [eqpar.filter_pmap, jitted_vmap])
+
+
+def test_grad_mean_with_count_under_eager_vmap():
+    _check_grad_mean_with_count(13, 4, [eqpar.filter_vmap])
 
 
 @pytest.mark.parametrize("count", [None, 1])

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -22,6 +23,7 @@ def launch(*args: str, timeout: float = 150.0) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.programs
 def test_collectives_across_processes():
     run = launch("-n", "2", "--local-devices", "4", "--timeout", "120", str(WORKER))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
@@ -30,6 +32,7 @@ def test_collectives_across_processes():
             assert f"[{p}] check {check}: ok" in run.stdout, run.stdout[-3000:]
 
 
+@pytest.mark.programs
 def test_training_equals_one_process_and_one_device(tmp_path):
     run = launch(
         "-n",
@@ -87,8 +90,6 @@ def test_initialize_without_environment_is_single_process(monkeypatch):
 
 
 def test_initialize_with_partial_environment(monkeypatch):
-    import pytest
-
     import eqpar
 
     monkeypatch.setenv("EQPAR_NUM_PROCESSES", "2")
