@@ -18,6 +18,7 @@ from jaxtyping import PyTree
 
 from ._errors import AxisSizeError, Checked, MeshError, SpecError
 from ._model_sharding import describe_dimension
+from ._runner import context_mesh
 from ._specs import (
     AnyMesh,
     as_pspec,
@@ -68,18 +69,7 @@ def data_mesh(
 
 
 def _mesh_or_context(mesh: AnyMesh | None, who: str) -> AnyMesh:
-    if mesh is not None:
-        return mesh
-    try:
-        context: AnyMesh = jax.sharding.get_mesh()
-    except ValueError:  # under a trace only the abstract mesh is available
-        context = jax.sharding.get_abstract_mesh()
-    if context.empty:
-        raise MeshError(
-            f"{who} was given `mesh=None` and no mesh is set: pass `mesh=...` or "
-            "use `with jax.set_mesh(mesh):` (e.g. `eqpar.data_mesh()`)."
-        )
-    return context
+    return mesh if mesh is not None else context_mesh(who)
 
 
 def filter_device_put(
