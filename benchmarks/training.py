@@ -5,9 +5,13 @@ An MLP 32 -> 256 -> 256 -> 10 (softmax cross-entropy), batch 512, SGD with
 momentum, on all devices; each step's outputs (parameters, optimiser state) feed
 the next step, as in a training loop. Contenders:
 
-- `eqpar.Parallel(step, reduce="first", in_axes=(None, None, 0, 0))`, the step
-  taking gradients with `eqx.filter_grad` and averaging them with
-  `eqpar.grad_mean`;
+- `eqpar.Parallel(step, reduce="first", in_axes=(None, None, 0, 0),
+  check_vma=True)`, the step taking gradients with `eqx.filter_grad` and averaging
+  them with `eqpar.grad_mean`: with replication typing the updated parameters are
+  known to be the same on every device and come back as they are;
+- the same under `Parallel`'s default (`check_vma=False`, `jax.pmap`'s semantics):
+  nothing is known to be the same everywhere, so `reduce="first"` brings device
+  0's parameters back (no goal: the price of the untyped default, shown);
 - the raw baseline: `jax.jit(jax.shard_map(step))` on the parameter arrays,
   `jax.grad` and `jax.lax.pmean` of the gradients (`check_vma=False`, as `pmap`
   code is written);
@@ -77,8 +81,16 @@ def run(quick: bool = False) -> Result:
         updates, state = optimiser.update(grads, state, model)
         return eqx.apply_updates(model, updates), state
 
-    parallel = eqpar.Parallel(
-        step, reduce="first", axis_name="data", in_axes=(None, None, 0, 0), mesh=mesh
+    parallel, untyped = (
+        eqpar.Parallel(
+            step,
+            reduce="first",
+            axis_name="data",
+            in_axes=(None, None, 0, 0),
+            mesh=mesh,
+            check_vma=typed,
+        )
+        for typed in (True, False)
     )
 
     # raw: jit(shard_map) on the parameter arrays, pmean of the gradients
@@ -119,7 +131,7 @@ def run(quick: bool = False) -> Result:
             on(mesh, (params, state), P()),
             (on(mesh, x, P("data")), on(mesh, y, P("data"))),
         ),
-        "eqpar.Parallel + grad_mean": (
+        "eqpar.Parallel(check_vma=True) + grad_mean": (
             parallel,
             on(mesh, (model, state), P()),
             (on(mesh, x, P("data")), on(mesh, y, P("data"))),
@@ -139,6 +151,11 @@ def run(quick: bool = False) -> Result:
             single,
             jax.device_put((params, state), d0),
             jax.device_put((x, y), d0),
+        ),
+        "eqpar.Parallel (default check_vma=False) + grad_mean": (
+            untyped,
+            on(mesh, (model, state), P()),
+            (on(mesh, x, P("data")), on(mesh, y, P("data"))),
         ),
     }
 
@@ -189,7 +206,7 @@ def run(quick: bool = False) -> Result:
         settle=1,
     )
     per_step = {k: [t / steps for t in v] for k, v in samples.items()}
-    raw_name, par_name, sm_name, _, one_name = list(contenders)
+    raw_name, par_name, sm_name, _, one_name, _ = list(contenders)
     rows = []
     for name, t in per_step.items():
         med = statistics.median(t)

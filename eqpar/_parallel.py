@@ -399,10 +399,13 @@ class Parallel(eqx.Module):
             A batch that does not divide over the devices is padded (repeating the
             last example) and the padding trimmed.
         - `None`: stacked per device, `(devices, per_device, ...)`.
-        - `"first"`: device 0's output; `"mean"`: the mean over devices. An
-            output every device already holds alike (e.g. `pmean`-ed gradients or
-            updated parameters) comes back as it is, with no stack built or moved:
-            the cheap way to return a replicated model.
+        - `"first"`: device 0's output; `"mean"`: the mean over devices. With
+            `check_vma=True` an output typed the same on every device (e.g.
+            `pmean`-ed gradients or updated parameters) comes back as it is, with
+            no stack built or moved: the cheap way to return a replicated model.
+            Under the default `check_vma=False` nothing is known to be the same
+            everywhere, so device 0's value is brought back (about one all-reduce
+            per output: `benchmarks/RESULTS.md`, training).
         - a callable applied to each output's `(devices, ...)` stack.
         These last four need a batch that divides (pad it with `eqpar.pad_batch`).
         An empty batch gives empty outputs (as `jax.vmap` does).
