@@ -253,15 +253,19 @@ def _names(dim_str: str, ndim: int) -> list[str | None]:
 
 def _name(token: str) -> tuple[str | None, bool]:
     """A dimension token's name (None: fixed, symbolic or anonymous) and whether
-    it is variadic."""
-    star = anonymous = False
-    while token and token[0] in "#?*_":
+    it is variadic. `_hidden` (a name jaxtyping does not check) is still named
+    `hidden`; only `_` alone is anonymous."""
+    star = False
+    while token and token[0] in "#?*":
         star = star or token[0] == "*"
-        anonymous = anonymous or token[0] == "_"
+        token = token[1:]
+    if token == "_":
+        return None, star
+    if token.startswith("_"):
         token = token[1:]
     if "=" in token:  # `rows=4`: a fixed size with a label
         token = token.split("=", 1)[0]
-    if anonymous or not token.isidentifier():
+    if not token.isidentifier():
         return None, star
     return token, star
 

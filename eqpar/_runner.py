@@ -8,6 +8,7 @@ leaves come back as they are. Each front only decides its inputs, their specs an
 what to do with the output.
 """
 
+import re
 import traceback
 from collections.abc import Callable, Hashable, Sequence, Set
 from typing import Any
@@ -67,12 +68,12 @@ def run_shard_map(
             check_vma=check_vma,
         )(*inputs)
 
-    outs = _vmap_axis_errors(call, check_vma)
+    outs = _vmap_axis_errors(call, check_vma, mesh)
     treedef, signature = structure
     return treedef.unflatten(merge_leaves(signature, outs))
 
 
-def _vmap_axis_errors(call: Callable[[], Any], check_vma: bool) -> Any:
+def _vmap_axis_errors(call: Callable[[], Any], check_vma: bool, mesh: AnyMesh) -> Any:
     """Runs `call` (which traces a `shard_map`), turning JAX's bare `AssertionError`
     for a collective over a vmap axis (JAX's replication typing knows only mesh
     axes) into an eqpar error that names the switch."""
@@ -84,8 +85,13 @@ def _vmap_axis_errors(call: Callable[[], Any], check_vma: bool) -> Any:
         if isinstance(e, AssertionError):
             frames = traceback.extract_tb(e.__traceback__)
             ours = bool(frames) and frames[-1].name == "pvary"
-        else:  # a tuple of a mesh axis and a vmap axis
-            ours = "can only accept axis_name which corresponds" in str(e)
+        else:  # a tuple of a mesh axis and a vmap axis (not mesh axes alone)
+            message = str(e)
+            named = re.search(r"axes: \(([^)]*)\)", message)
+            axes = re.findall(r"'([^']*)'", named.group(1)) if named else None
+            ours = "can only accept axis_name which corresponds" in message and (
+                axes is None or any(a not in mesh.axis_names for a in axes)
+            )
         if ours:
             raise vmap_axis_error(
                 "An axis of a `jax.lax` collective inside the function (e.g. the "

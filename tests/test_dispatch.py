@@ -512,3 +512,28 @@ def test_an_unhashable_static_value_names_its_leaf():
     f = eqpar.filter_jit(lambda x, opts: x)
     with pytest.raises(eqpar.SpecError, match=r"argument `opts` at \[0\] \(set\)"):
         f(jnp.ones(2), ({1, 2},))
+
+
+def test_a_deleted_input_to_any_program_is_named():
+    """Also a program that neither donates nor places (JAX's own error, named)."""
+    f = eqpar.filter_jit(lambda m, x: m(x))
+    model, x = _model(), jnp.ones(4)
+    f(model, x)
+    x.delete()
+    with pytest.raises(eqpar.DeletedArrayError, match="argument `x` at \\(root\\)"):
+        f(model, x)
+
+
+def test_a_mixed_axes_collective_keeps_jaxs_error():
+    """A collective over mesh axes that a value varies over only in part is JAX's
+    error to explain, not a vmap-axis one."""
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    f = eqpar.filter_shard_map(
+        lambda x: jax.lax.pmean(jnp.mean(x), ("data", "model")),
+        mesh=mesh,
+        in_specs=P("data"),
+        out_specs=P(),
+    )
+    with pytest.raises(ValueError, match="can only accept axis_name") as info:
+        f(jnp.ones(8))
+    assert not isinstance(info.value, eqpar.ReplicationError)

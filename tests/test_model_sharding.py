@@ -359,3 +359,11 @@ def test_automatic_training_equals_one_device_and_stays_sharded(rules):
     wanted = jax.tree.leaves(specs)
     assert len(placed) == len(wanted)
     assert all(_same(a.sharding.spec, s, a.ndim) for a, s in zip(placed, wanted))
+
+
+def test_a_name_jaxtyping_does_not_check_still_names_its_dimension():
+    class Quiet(eqx.Module):
+        w: Float[Array, "embed _hidden"]
+
+    specs = eqpar.partition_specs(Quiet(jnp.ones((4, 8))), dims={"hidden": "model"})
+    assert specs.w == P(None, "model")

@@ -88,11 +88,25 @@ class Compiled:
         return program(arrays, fun, args, kwargs)
 
     def lower(self, fun: Any, args: tuple, kwargs: dict) -> "Lowered":
+        if self._check is not None:
+            self._check(args, kwargs)
         program, arrays = self._lookup(fun, args, kwargs)
         arrays = program.prepare(arrays, fun, args, kwargs)
         return Lowered(program.lower(arrays), self, program, fun)
 
     def _lookup(self, fun: Any, args: tuple, kwargs: dict) -> tuple[Program, tuple]:
+        """The call's program (made on first sight) and its arrays."""
+        program, arrays, parts, key = self._find(fun, args, kwargs)
+        if program is None:
+            program = self._programs.get_or_make(
+                key, lambda: self._program(parts, key, len(args), bool(kwargs))
+            )
+        return program, arrays
+
+    def _find(
+        self, fun: Any, args: tuple, kwargs: dict
+    ) -> tuple[Program | None, tuple, list[Part], tuple]:
+        """The call's program if there is one yet, its arrays, parts and key."""
         context = self._context
         try:
             parts, key, arrays = split_call(
@@ -101,14 +115,9 @@ class Compiled:
                 kwargs,
                 None if context is None else context(fun, args, kwargs),
             )
-            program = self._programs.get(key)
+            return self._programs.get(key), arrays, parts, key
         except TypeError:
             raise _unhashable(fun, args, kwargs) from None
-        if program is None:
-            program = self._programs.get_or_make(
-                key, lambda: self._program(parts, key, len(args), bool(kwargs))
-            )
-        return program, arrays
 
     def _program(
         self, parts: list[Part], key: tuple, n_args: int, has_kwargs: bool
@@ -269,8 +278,9 @@ class CompiledCall:
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         lowered = self._lowered
         fun = lowered._fun
-        program, arrays = lowered._compiled._lookup(fun, args, kwargs)
-        if program is not lowered._program:
+        found, arrays, _, _ = lowered._compiled._find(fun, args, kwargs)
+        program = lowered._program
+        if found is not program:
             raise SpecError(
                 "This ahead-of-time compiled call was lowered for other static "
                 "arguments (non-array leaves) or another tree structure than the "

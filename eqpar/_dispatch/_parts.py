@@ -25,7 +25,7 @@ import equinox as eqx
 import jax.tree_util as jtu
 
 from .._specs import ARRAY_TYPES, DYNAMIC, is_array
-from ._tables import Bounded
+from ._tables import Bounded, evict_oldest
 
 
 MAX_TOKENS = 4096
@@ -166,5 +166,5 @@ def _remember(module: Any, made: Part) -> None:
 
     record = (weakref.ref(module, forget), made)
     if len(records) >= MAX_RECORDS:
-        records.pop(next(iter(records)), None)
+        evict_oldest(records)
     records[key] = record

@@ -166,7 +166,13 @@ class Program:
     ) -> Any:
         if self._checks:
             arrays = self.prepare(arrays, fun, args, kwargs)
-        out = self._call(arrays)
+        try:
+            out = self._call(arrays)
+        except Exception as e:  # JAX's own error for a deleted input: say which
+            gone = [i for i, x in enumerate(arrays) if _deleted_array(x)]
+            if not gone:
+                raise
+            raise self._deleted(gone[0], fun, args, kwargs) from e
         return out if type(out) is not _WithStatic else output(out)
 
     def _donating_call(self, arrays: tuple[Any, ...]) -> Any:
@@ -195,7 +201,7 @@ class Program:
         if last is not None and _placement_cache.in_place(arrays, last):
             return arrays
         for i, x in enumerate(arrays):
-            if is_concrete_array(x) and x.is_deleted():
+            if _deleted_array(x):
                 raise self._deleted(i, fun, args, kwargs)
         if self._targets is None:
             return arrays
@@ -241,6 +247,10 @@ class Program:
     def call_compiled(self, executable: Any, arrays: tuple[Any, ...]) -> Any:
         """Calls an ahead-of-time `executable` of this program (see `lower`)."""
         return output(executable(*self._split(arrays)))
+
+
+def _deleted_array(x: Any) -> bool:
+    return is_concrete_array(x) and x.is_deleted()
 
 
 def _relaid(

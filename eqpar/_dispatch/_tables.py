@@ -39,7 +39,7 @@ class Bounded(Generic[_V]):
             if value is None:
                 value = make()
                 while len(self._entries) >= self._limit:
-                    self._entries.pop(next(iter(self._entries)), None)
+                    evict_oldest(self._entries)
                 self._entries[key] = value
             return value
 
@@ -47,7 +47,7 @@ class Bounded(Generic[_V]):
         with self._lock:
             self._entries.pop(key, None)
             while len(self._entries) >= self._limit:
-                self._entries.pop(next(iter(self._entries)), None)
+                evict_oldest(self._entries)
             self._entries[key] = value
 
     def discard(self, key: Hashable, value: _V) -> None:
@@ -61,3 +61,13 @@ class Bounded(Generic[_V]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def evict_oldest(entries: dict) -> None:
+    """Drops the oldest entry of `entries`. A weak-reference callback (or another
+    thread's lock-free `discard`) may change the dict at the same moment: then
+    there is nothing left to do here."""
+    try:
+        entries.pop(next(iter(entries)), None)
+    except (RuntimeError, StopIteration):
+        pass
