@@ -132,22 +132,15 @@ def run(quick: bool = False) -> Result:
         "FSDP": 1 / data_size + 0.05,
         "tensor parallel + FSDP": 1 / (model_size * data_size) + 0.05,
     }
+    measures = {"held": "bytes held per device", "arguments": "step arguments"}
     goals = [
         Goal(
-            f"{name}: bytes held per device / a replica's",
+            f"{name}: {what} / replicated's",
             f"<= {bound:.3f}",
-            figures[name]["held"] / base["held"],
-            figures[name]["held"] / base["held"] <= bound,
+            figures[name][key] / base[key],
+            figures[name][key] / base[key] <= bound,
         )
-        for name, bound in bounds.items()
-    ]
-    goals += [
-        Goal(
-            f"{name}: step arguments per device / replicated's",
-            f"<= {bound:.3f}",
-            figures[name]["arguments"] / base["arguments"],
-            figures[name]["arguments"] / base["arguments"] <= bound,
-        )
+        for key, what in measures.items()
         for name, bound in bounds.items()
     ]
     return Result("sharding", "memory of a sharded model", body, goals)
