@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding
 from jaxtyping import PyTree
 
 from ._errors import Checked, CheckpointError, MeshError, SpecError
+from ._specs import spread_prefix
 
 
 def _orbax() -> Any:
@@ -101,25 +102,25 @@ def _spec_per_leaf(spec: Any, like: Any, leaves: list) -> list[Any]:
     from `spec`: one for every leaf, or a pytree prefix of `like`."""
     if _is_spec_leaf(spec):
         return [spec] * len(leaves)
-    spec_leaves, spec_def = jtu.tree_flatten(spec, is_leaf=_is_spec_leaf)
-    bad = [s for s in spec_leaves if not _is_spec_leaf(s)]
+
+    def not_a_prefix(spec_def: Any, e: Exception) -> SpecError:
+        return SpecError(
+            "CheckpointManager.restore: `spec` is not a pytree prefix of `like`. "
+            f"`spec` has structure {spec_def}; give one spec for every leaf, or a "
+            "tree that matches `like` down to where the specs start (e.g. "
+            f"`{{'model': P(), 'key': P('data')}}` for a dict). (JAX said: {e})"
+        )
+
+    pairs = spread_prefix(spec, like, _is_spec_leaf, not_a_prefix)
+    bad = [s for s, _ in pairs if not _is_spec_leaf(s)]
     if bad:
         raise SpecError(
             "CheckpointManager.restore: `spec` must be a PartitionSpec, a "
             "jax.sharding.Sharding, None, or a pytree prefix of `like` with those at "
             f"its leaves; found {bad[0]!r}."
         )
-    try:
-        subtrees = spec_def.flatten_up_to(like)
-    except (ValueError, TypeError) as e:
-        raise SpecError(
-            "CheckpointManager.restore: `spec` is not a pytree prefix of `like`. "
-            f"`spec` has structure {spec_def}; give one spec for every leaf, or a "
-            "tree that matches `like` down to where the specs start (e.g. "
-            f"`{{'model': P(), 'key': P('data')}}` for a dict). (JAX said: {e})"
-        ) from None
     out = []
-    for s, sub in zip(spec_leaves, subtrees):
+    for s, sub in pairs:
         out.extend([s] * len(jtu.tree_leaves(sub)))
     assert len(out) == len(leaves)
     return out

@@ -158,6 +158,22 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (bool, int, float, complex))
 
 
+def spread_prefix(
+    prefix: Any,
+    tree: Any,
+    is_leaf: Callable[[Any], bool],
+    not_a_prefix: Callable[[Any, Exception], Exception],
+) -> list[tuple[Any, Any]]:
+    """`(spec leaf, subtree of tree)` pairs for a pytree prefix `prefix` of `tree`;
+    `not_a_prefix(spec structure, JAX's error)` is raised when it is not one."""
+    spec_leaves, spec_def = jtu.tree_flatten(prefix, is_leaf=is_leaf)
+    try:
+        subtrees = spec_def.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+        raise not_a_prefix(spec_def, e) from None
+    return list(zip(spec_leaves, subtrees))
+
+
 def broadcast_specs(
     prefix: Any, tree: Any, name: str, what: str, *, numbers: bool = False
 ) -> list[Any]:
@@ -165,19 +181,18 @@ def broadcast_specs(
     array leaves; non-array leaves get `None`). With `numbers=True`, Python numbers
     get their spec too (as in Equinox's `out_axes`: `out_axes=0` on a returned `1`
     broadcasts it to an array)."""
-    spec_leaves, spec_def = jtu.tree_flatten(prefix, is_leaf=_is_none)
-    try:
-        subtrees = spec_def.flatten_up_to(tree)
-    except (ValueError, TypeError) as e:
-        raise SpecError(
+
+    def not_a_prefix(spec_def: Any, e: Exception) -> SpecError:
+        return SpecError(
             f"The {what} given for argument `{name}` is not a pytree prefix of that "
             f"argument. The spec is {prefix!r} with structure {spec_def}; the "
             f"argument has structure {_describe_structure(tree)}. Give one spec for "
             "the whole argument, or a tree that matches the argument's structure "
             f"down to where the specs start. (JAX said: {e})"
-        ) from None
+        )
+
     out = []
-    for spec, sub in zip(spec_leaves, subtrees):
+    for spec, sub in spread_prefix(prefix, tree, _is_none, not_a_prefix):
         for leaf in jtu.tree_leaves(sub):
             if not (is_array(leaf) or (numbers and _is_number(leaf))):
                 out.append(None)
