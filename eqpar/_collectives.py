@@ -45,6 +45,17 @@ def axis_size(axis_name: AxisName) -> int:
     """The size of a bound axis (the product of sizes for a tuple of names).
 
     Raises `eqpar.UnboundAxisError` if no enclosing transform binds the name.
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, eqpar
+
+        sizes = eqpar.filter_vmap(
+            lambda x: x * 0 + eqpar.axis_size("i"), axis_name="i"
+        )(jnp.zeros(5, dtype=jnp.int32))
+        assert (sizes == 5).all()
+        ```
     """
     try:
         return jax.lax.axis_size(axis_name)
@@ -85,6 +96,24 @@ def mark_varying(tree: PyTree, axis_name: AxisName) -> PyTree:
         device's share of that one loss, not its own gradient, so averaging it with
         [`eqpar.grad_mean`][] is off by the device count. `filter_value_and_grad_mean`
         handles every kind of loss.
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, eqpar
+        from jax.sharding import PartitionSpec as P
+
+        mesh = jax.make_mesh((jax.device_count(),), ("data",))
+
+        @eqpar.filter_shard_map(mesh=mesh, in_specs=P(), out_specs=P())
+        def types(w):
+            return eqpar.varying_axes(w), eqpar.varying_axes(
+                eqpar.mark_varying(w, "data")
+            )
+
+        before, after = types(jnp.ones(3))
+        assert before == frozenset() and after == frozenset({"data"})
+        ```
     """
     axis_size(axis_name)
     manual = manual_axes(axis_name)
@@ -213,17 +242,55 @@ def psum(tree: PyTree, axis_name: AxisName) -> PyTree:
 
 
 def pmean(tree: PyTree, axis_name: AxisName) -> PyTree:
-    """Mean of every array leaf over `axis_name`. Arguments as [`eqpar.psum`][]."""
+    """Mean of every array leaf over `axis_name`. Arguments as [`eqpar.psum`][].
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp, eqpar
+
+        means = eqpar.filter_vmap(lambda x: eqpar.pmean(x, "i"), axis_name="i")(
+            {"a": jnp.arange(4.0), "name": "kept"}
+        )
+        assert (means["a"] == 1.5).all() and means["name"] == "kept"
+        ```
+    """
     return _collective(jax.lax.pmean, tree, axis_name)
 
 
 def pmax(tree: PyTree, axis_name: AxisName) -> PyTree:
-    """Elementwise maximum of every array leaf over `axis_name`."""
+    """Elementwise maximum of every array leaf over `axis_name`. Arguments as
+    [`eqpar.psum`][].
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp, eqpar
+
+        top = eqpar.filter_vmap(lambda x: eqpar.pmax(x, "i"), axis_name="i")(
+            jnp.array([3.0, -1.0, 7.0])
+        )
+        assert (top == 7.0).all()
+        ```
+    """
     return _collective(jax.lax.pmax, tree, axis_name)
 
 
 def pmin(tree: PyTree, axis_name: AxisName) -> PyTree:
-    """Elementwise minimum of every array leaf over `axis_name`."""
+    """Elementwise minimum of every array leaf over `axis_name`. Arguments as
+    [`eqpar.psum`][].
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp, eqpar
+
+        low = eqpar.filter_vmap(lambda x: eqpar.pmin(x, "i"), axis_name="i")(
+            jnp.array([3.0, -1.0, 7.0])
+        )
+        assert (low == -1.0).all()
+        ```
+    """
     return _collective(jax.lax.pmin, tree, axis_name)
 
 
@@ -238,6 +305,16 @@ def all_gather(
     - `axis`: where the gathered axis goes in each result.
     - `tiled`: `False` stacks (a new axis of the axis size); `True` concatenates along
         the existing `axis`.
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp, eqpar
+
+        x = jnp.arange(3.0)
+        seen = eqpar.filter_vmap(lambda v: eqpar.all_gather(v, "i"), axis_name="i")(x)
+        assert (seen == jnp.stack([x, x, x])).all()  # each element sees all of x
+        ```
     """
     return _collective(jax.lax.all_gather, tree, axis_name, axis=axis, tiled=tiled)
 
@@ -254,6 +331,22 @@ def psum_scatter(
 
     With `tiled=False` that dimension must equal the axis size and is removed; with
     `tiled=True` it must be a multiple of it and is divided by it.
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, eqpar
+        from jax.sharding import PartitionSpec as P
+
+        n = jax.device_count()
+        mesh = jax.make_mesh((n,), ("data",))
+        x = jnp.ones((n, 2 * n))  # one row per device
+        parts = eqpar.filter_shard_map(
+            lambda row: eqpar.psum_scatter(row[0], "data", tiled=True),
+            mesh=mesh, in_specs=P("data"), out_specs=P("data"),
+        )(x)
+        assert parts.shape == (2 * n,) and (parts == n).all()
+        ```
     """
     n = axis_size(axis_name)
 
@@ -330,6 +423,17 @@ def ring_shift(tree: PyTree, axis_name: AxisName, *, shift: int = 1) -> PyTree:
 
     The building block of ring algorithms in `shard_map` kernels (e.g. a ring
     all-gather matmul: multiply the local block, pass it on, repeat).
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp, eqpar
+
+        shifted = eqpar.filter_vmap(
+            lambda x: eqpar.ring_shift(x, "i", shift=1), axis_name="i"
+        )(jnp.arange(4))
+        assert shifted.tolist() == [3, 0, 1, 2]
+        ```
     """
     n = axis_size(axis_name)
     perm = [(i, (i + shift) % n) for i in range(n)]
@@ -362,6 +466,28 @@ def halo_exchange(
 
     The block with `width` entries prepended (from the previous device) and appended
     (from the next), so its size along `axis` grows by `2 * width`.
+
+    !!! example
+
+        A three-point moving sum over an array split across devices equals the one
+        computed on the whole array:
+
+        ```python
+        import jax, jax.numpy as jnp, eqpar
+        from jax.sharding import PartitionSpec as P
+
+        n = jax.device_count()
+        mesh = jax.make_mesh((n,), ("data",))
+        x = jnp.arange(4.0 * n)
+
+        @eqpar.filter_shard_map(mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+        def moving_sum(block):
+            halo = eqpar.halo_exchange(block, "data", width=1)
+            return halo[:-2] + halo[1:-1] + halo[2:]
+
+        padded = jnp.pad(x, 1)
+        assert jnp.allclose(moving_sum(x), padded[:-2] + padded[1:-1] + padded[2:])
+        ```
     """
     x = jnp.asarray(x)
     if isinstance(width, bool) or not isinstance(width, int) or width < 0:

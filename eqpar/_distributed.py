@@ -89,6 +89,17 @@ def initialize(
         be waiting for that thread's work. `sys.exit(n)` never reaches this hook:
         under `python -m eqpar.launch` a status `n != 0` also ends the process at
         once; under another launcher, raise an exception instead.
+
+    !!! example
+
+        The same script runs alone or under `python -m eqpar.launch -n 2`:
+
+        ```python
+        import jax, eqpar
+
+        started = eqpar.initialize()  # first thing, before any JAX computation
+        assert started == (jax.process_count() > 1)
+        ```
     """
     env = os.environ
     coordinator_address = coordinator_address or _from_env("coordinator_address", env)
@@ -208,6 +219,23 @@ def global_batch(
     - `spec`: how the global array is sharded (default: the leading axis over the
         mesh's first axis, i.e. data parallel).
     - `mesh`: the global mesh (default: the context mesh).
+
+    !!! example
+
+        In one process the local batch is the global one (under
+        `python -m eqpar.launch -n 2` each process passes its own rows):
+
+        ```python
+        import jax, numpy as np, eqpar
+
+        mesh = eqpar.data_mesh()
+        rows = np.arange(4.0 * jax.device_count()).reshape(-1, 2)
+        batch = eqpar.global_batch({"x": rows}, mesh=mesh)
+        assert batch["x"].shape == rows.shape
+        assert len(batch["x"].sharding.device_set) == jax.device_count()
+        assert (eqpar.local_batch(batch)["x"] == rows).all()
+        assert (eqpar.gather(batch)["x"] == rows).all()
+        ```
     """
     spec, mesh = _spec_and_mesh(spec, mesh)
     sharding = NamedSharding(mesh, spec)
@@ -226,6 +254,19 @@ def local_batch(tree: PyTree) -> PyTree:
 
     Each leaf must be a `jax.Array` with a `NamedSharding` (as eqpar's transforms
     return); other leaves pass through. Returns NumPy arrays.
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, numpy as np, eqpar
+        from jax.sharding import PartitionSpec as P
+
+        mesh = eqpar.data_mesh()
+        y = eqpar.filter_device_put(jnp.arange(2.0 * jax.device_count()), P("data"),
+                                    mesh=mesh)
+        mine = eqpar.local_batch(y)  # this process's rows (all of them, here)
+        assert isinstance(mine, np.ndarray) and (mine == np.asarray(y)).all()
+        ```
     """
 
     def local(x: jax.Array) -> np.ndarray:
@@ -245,7 +286,23 @@ def local_batch(tree: PyTree) -> PyTree:
 
 
 def gather(tree: PyTree) -> PyTree:
-    """A full copy of every global array leaf, as NumPy, on every process."""
+    """A full copy of every global array leaf, as NumPy, on every process.
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, numpy as np, eqpar
+        from jax.sharding import PartitionSpec as P
+
+        mesh = eqpar.data_mesh()
+        y = eqpar.filter_device_put(
+            {"loss": jnp.arange(float(jax.device_count())), "step": 3},
+            P("data"), mesh=mesh,
+        )
+        whole = eqpar.gather(y)  # every process gets every row
+        assert isinstance(whole["loss"], np.ndarray) and whole["step"] == 3
+        ```
+    """
     return jtu.tree_map(
         lambda x: (
             np.asarray(multihost_utils.process_allgather(x, tiled=True))

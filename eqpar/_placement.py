@@ -60,6 +60,19 @@ def data_mesh(
         `eqpar.MeshError` for `jax.grad` of an eager call), and a sharded output
         must be gathered (`eqpar.filter_device_put(y, P(), mesh=mesh)`) before it
         is indexed eagerly.
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, eqpar
+        from jax.sharding import PartitionSpec as P
+
+        mesh = eqpar.data_mesh()  # every device, one axis called "data"
+        assert mesh.axis_names == ("data",) and mesh.size == jax.device_count()
+        x = eqpar.filter_device_put(jnp.ones((jax.device_count(), 3)), P("data"),
+                                    mesh=mesh)
+        assert x[0].tolist() == [1.0, 1.0, 1.0]  # Auto axis: indexable eagerly
+        ```
     """
     devs = list(jax.devices() if devices is None else devices)
     if not devs:
@@ -191,6 +204,17 @@ def replicate(tree: PyTree, *, mesh: Mesh | None = None) -> PyTree:
     """Every array leaf of `tree` on every device of `mesh` (a full copy each).
 
     Same as `filter_device_put(tree, P(), mesh=mesh)`.
+
+    !!! example
+
+        ```python
+        import equinox as eqx, jax, eqpar
+
+        mesh = eqpar.data_mesh()
+        model = eqpar.replicate(eqx.nn.Linear(3, 2, key=jax.random.key(0)), mesh=mesh)
+        assert model.weight.sharding.is_fully_replicated
+        assert len(model.weight.sharding.device_set) == jax.device_count()
+        ```
     """
     return filter_device_put(tree, P(), mesh=mesh)
 
@@ -302,6 +326,18 @@ def unreplicate(tree: PyTree, reduce: Checked[Reduce] = "first") -> PyTree:
 
     The reduced tree, e.g. `arange(5)` replicated on 8 devices gives
     `[0, 8, 16, 24, 32]` with `"sum"`.
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, eqpar
+
+        n = jax.device_count()
+        per_device = eqpar.filter_pmap(lambda i: i * 2.0)(jnp.arange(float(n)))
+        assert eqpar.unreplicate(per_device) == 0.0  # device 0's value
+        assert eqpar.unreplicate(per_device, "mean") == n - 1.0
+        assert eqpar.unreplicate(per_device, "stack").shape == (n,)
+        ```
     """
     if isinstance(reduce, str):
         if reduce not in STACK_REDUCTIONS:
@@ -343,6 +379,17 @@ def pad_batch(tree: PyTree, multiple: int, *, axis: int = 0) -> tuple[PyTree, in
     **Returns:**
 
     `(padded, n_real)`: the padded tree and the original batch size.
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp, eqpar
+
+        batch = {"x": jnp.arange(10.0), "y": jnp.arange(10)}
+        padded, n = eqpar.pad_batch(batch, 8)
+        assert n == 10 and padded["x"].shape == (16,)
+        assert (padded["x"][10:] == 9.0).all()  # repeats of the last real entry
+        ```
     """
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise SpecError(f"`multiple` must be a positive int, got {multiple!r}.")

@@ -85,7 +85,18 @@ _lock = threading.RLock()
 
 
 class PlacementCacheInfo(NamedTuple):
-    """The state of eqpar's placement cache (see [`eqpar.placement_cache`][])."""
+    """The state of eqpar's placement cache (see [`eqpar.placement_cache`][]).
+
+    !!! example
+
+        ```python
+        import eqpar
+
+        info = eqpar.placement_cache()  # reads, changes nothing
+        assert isinstance(info, eqpar.PlacementCacheInfo)
+        assert 0 <= info.bytes <= info.max_bytes or info.max_bytes == 0
+        ```
+    """
 
     max_bytes: int
     """The bound on the bytes of cached copies (0: the cache is off)."""

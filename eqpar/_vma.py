@@ -47,6 +47,22 @@ def varying_axes(x: Any) -> frozenset[Hashable]:
 
     Empty for values that carry no type: outside `shard_map`, under `vmap`, or with
     `check_vma=False`.
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, eqpar
+        from jax.sharding import PartitionSpec as P
+
+        mesh = jax.make_mesh((2, jax.device_count() // 2), ("data", "model"))
+
+        @eqpar.filter_shard_map(mesh=mesh, in_specs=(P("data"), P()), out_specs=P())
+        def types(x, w):
+            return eqpar.varying_axes(x), eqpar.varying_axes(w)
+
+        x_type, w_type = types(jnp.ones((4, 3)), jnp.ones(3))
+        assert x_type == frozenset({"data"}) and w_type == frozenset()
+        ```
     """
     return jax.typeof(x).manual_axis_type.varying
 

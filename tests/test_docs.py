@@ -1,7 +1,12 @@
 """The code in the docs runs: every ```python block of each docs page (a page's
 blocks run in order, in one namespace, like a notebook) and every ```python block in
 the docstrings of eqpar's public names. Blocks fenced as ```py are illustrations
-(e.g. needing several processes) and are not run."""
+(e.g. needing several processes) and are not run.
+
+Every page and every public name has at least one such block: a test over a page or
+a name without one fails, rather than passing with nothing checked. The API
+reference pages (docs/api/) are made of `::: eqpar.name` directives, which render
+the names' docstrings: their examples are the docstrings' own."""
 
 import inspect
 import pathlib
@@ -24,7 +29,10 @@ def blocks(text: str) -> list[str]:
     return [textwrap.dedent(m.group("body")) for m in FENCE.finditer(text)]
 
 
-PAGES = sorted(DOCS.rglob("*.md"))
+API = DOCS / "api"
+PAGES = sorted(p for p in DOCS.rglob("*.md") if API not in p.parents)
+API_PAGES = sorted(API.glob("*.md"))
+DIRECTIVE = re.compile(r"^::: (eqpar\.[\w.]+)\s*$", re.MULTILINE)
 PUBLIC = sorted(
     name
     for name in dir(eqpar)
@@ -38,14 +46,18 @@ PUBLIC = sorted(
 def test_page_code_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": f"docs_{page.stem}"}
-    for code in blocks(page.read_text()):
+    codes = blocks(page.read_text())
+    assert codes, f"{page.relative_to(DOCS)} has no ```python example"
+    for code in codes:
         exec(compile(code, str(page), "exec"), namespace)
 
 
 @pytest.mark.parametrize("name", PUBLIC)
 def test_docstring_examples_run(name):
     doc = inspect.getdoc(getattr(eqpar, name)) or ""
-    for code in blocks(doc):
+    codes = blocks(doc)
+    assert codes, f"eqpar.{name}'s docstring has no ```python example"
+    for code in codes:
         exec(compile(code, f"eqpar.{name}", "exec"), {"__name__": f"doc_{name}"})
 
 
@@ -61,3 +73,20 @@ def test_public_names_are_documented():
     api = "\n".join(p.read_text() for p in (DOCS / "api").glob("*.md"))
     missing = [n for n in PUBLIC if f"eqpar.{n}" not in api]
     assert not missing, f"not in the API reference: {missing}"
+
+
+@pytest.mark.parametrize("page", API_PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+def test_api_pages_are_references(page):
+    """An API page is headings, prose and `::: eqpar.name` directives: its examples
+    are the named objects' docstrings, each run above (a public name) or by its
+    owner's page (a member such as a method)."""
+    text = page.read_text()
+    names = DIRECTIVE.findall(text)
+    assert names, f"{page.relative_to(DOCS)} references nothing"
+    assert not blocks(text), "API pages hold directives; examples go in docstrings"
+    for name in names:
+        obj = eqpar
+        for part in name.split(".")[1:]:
+            obj = getattr(obj, part)  # the directive names something that exists
+        if name.count(".") == 1 and not inspect.ismodule(obj):
+            assert name.split(".")[1] in PUBLIC
