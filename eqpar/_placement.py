@@ -8,6 +8,7 @@ the mesh and the arrays with the same errors `filter_shard_map` raises.
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.core
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from ._specs import (
     check_spec,
     is_array,
     spec_axes,
+    spread_prefix,
 )
 
 
@@ -281,8 +283,32 @@ def _per_device(x: Any, where: str) -> Any:
     return x
 
 
-def unreplicate(tree: PyTree, reduce: Checked[Reduce] = "first") -> PyTree:
-    """Reduces per-device values to one, leaf by leaf (Objax's table).
+def _one_reduction(reduce: Any, where: str) -> Callable[[Any], Any]:
+    """The function of a `(devices, ...)` stack that `reduce` names."""
+    if isinstance(reduce, str):
+        if reduce not in STACK_REDUCTIONS:
+            raise SpecError(
+                f"unreplicate got reduce={reduce!r}{where}; use one of "
+                f"{sorted(STACK_REDUCTIONS)} or a callable on the (devices, ...) stack."
+            )
+        return STACK_REDUCTIONS[reduce]
+    if callable(reduce):
+        return reduce
+    raise SpecError(
+        f"unreplicate's `reduce` must be a string or callable, or a pytree prefix of "
+        f"`tree` with those at its leaves: got {reduce!r}{where}."
+    )
+
+
+def _is_reduction(x: Any) -> bool:
+    """A leaf of a `reduce` prefix: a name or a function (a Module, callable or not,
+    is a tree to look into: it is how a prefix shaped like a model is written)."""
+    return isinstance(x, str) or (callable(x) and not isinstance(x, eqx.Module))
+
+
+def unreplicate(tree: PyTree, reduce: Checked[Reduce | PyTree] = "first") -> PyTree:
+    """Reduces per-device values to one, leaf by leaf (Objax's table), each leaf
+    with its own reduction if need be.
 
     **Arguments:**
 
@@ -296,32 +322,63 @@ def unreplicate(tree: PyTree, reduce: Checked[Reduce] = "first") -> PyTree:
         `eqpar.SpecError` rather than reading its axis 0 as devices.
     - `reduce`: `"first"` (device 0's value, dtype kept), `"mean"` (a float mean),
         `"sum"`, `"stack"` (the per-device values stacked on a leading axis) or a
-        callable applied to each leaf's `(devices, ...)` stack.
+        callable applied to each leaf's `(devices, ...)` stack; or a pytree prefix
+        of `tree` with those at its leaves, one reduction per leaf or subtree (as
+        Objax's variables each carry their own `reduce`), e.g.
+        `{"stats": "mean", "step": "first"}`. An `eqx.Module` in `reduce` is a
+        prefix (its fields hold the reductions), never a callable reduction.
 
     **Returns:**
 
     The reduced tree, e.g. `arange(5)` replicated on 8 devices gives
     `[0, 8, 16, 24, 32]` with `"sum"`.
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp
+        from jax.sharding import PartitionSpec as P
+
+        import eqpar
+
+        n = len(eqpar.data_mesh().devices)
+        # BatchNorm statistics differ per device; the step counter does not.
+        per_device = {
+            "mean": jnp.arange(n, dtype=jnp.float32)[:, None] * jnp.ones(3),
+            "step": jnp.full(n, 7),
+        }
+        per_device = eqpar.filter_device_put(per_device, P("data"))
+        out = eqpar.unreplicate(per_device, reduce={"mean": "mean", "step": "first"})
+        assert out["step"] == 7 and out["step"].dtype == per_device["step"].dtype
+        assert jnp.allclose(out["mean"], (n - 1) / 2)
+        ```
     """
-    if isinstance(reduce, str):
-        if reduce not in STACK_REDUCTIONS:
-            raise SpecError(
-                f"unreplicate got reduce={reduce!r}; use one of "
-                f"{sorted(STACK_REDUCTIONS)} or a callable on the (devices, ...) stack."
-            )
-        fn = STACK_REDUCTIONS[reduce]
-    elif callable(reduce):
-        fn = reduce
-    else:
-        raise SpecError(
-            f"unreplicate's `reduce` must be a string or callable: {reduce!r}"
-        )
     leaves, treedef = jtu.tree_flatten_with_path(tree)
+    if _is_reduction(reduce):
+        fns = [_one_reduction(reduce, "")] * len(leaves)
+    else:
+
+        def not_a_prefix(spec_def: Any, e: Exception) -> SpecError:
+            return SpecError(
+                "unreplicate: `reduce` is neither a reduction (a string or callable) "
+                f"nor a pytree prefix of `tree`: it has structure {spec_def}. Give "
+                "one reduction for the whole tree, or a tree that matches `tree` "
+                "down to where the reductions start (e.g. "
+                "`{'stats': 'mean', 'step': 'first'}` for a dict). "
+                f"(JAX said: {e})"
+            )
+
+        pairs = spread_prefix(reduce, tree, _is_reduction, not_a_prefix)
+        where = [p for p, _ in jtu.tree_flatten_with_path(reduce, _is_reduction)[0]]
+        fns = []
+        for path, (r, sub) in zip(where, pairs):
+            f = _one_reduction(r, f" at {jtu.keystr(path) or '(root)'}")
+            fns.extend([f] * len(jtu.tree_leaves(sub)))
     out = [
         fn(_per_device(leaf, f"the leaf at {jtu.keystr(path) or '(root)'}"))
         if is_array(leaf)
         else leaf
-        for path, leaf in leaves
+        for fn, (path, leaf) in zip(fns, leaves)
     ]
     return jtu.tree_unflatten(treedef, out)
 
