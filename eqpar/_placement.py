@@ -300,10 +300,41 @@ def _one_reduction(reduce: Any, where: str) -> Callable[[Any], Any]:
     )
 
 
-def _is_reduction(x: Any) -> bool:
+def is_one_reduction(x: Any) -> bool:
     """A leaf of a `reduce` prefix: a name or a function (a Module, callable or not,
     is a tree to look into: it is how a prefix shaped like a model is written)."""
     return isinstance(x, str) or (callable(x) and not isinstance(x, eqx.Module))
+
+
+def reductions_per_leaf(
+    reduce: Any, tree: Any, is_one: Callable[[Any], bool], who: str
+) -> list[tuple[Any, str]]:
+    """For each leaf of `tree` (in `jtu.tree_leaves` order), its reduction and where
+    in `reduce` it was given (`" at ['stats']"`, or `""` for one reduction for the
+    whole tree), from `reduce`: one reduction (`is_one(reduce)`), or a pytree
+    prefix of `tree` with reductions at its leaves. Shared by `unreplicate` and
+    `Parallel`, whose reductions differ (`is_one`) but not how they spread."""
+    count = len(jtu.tree_leaves(tree))
+    if is_one(reduce):
+        return [(reduce, "")] * count
+
+    def not_a_prefix(spec_def: Any, e: Exception) -> SpecError:
+        return SpecError(
+            f"{who}: `reduce` is neither a reduction (a string or callable) nor a "
+            f"pytree prefix of the tree it reduces: it has structure {spec_def}. "
+            "Give one reduction for the whole tree, or a tree that matches it down "
+            "to where the reductions start (e.g. "
+            f"`{{'stats': 'mean', 'step': 'first'}}` for a dict). (JAX said: {e})"
+        )
+
+    pairs = spread_prefix(reduce, tree, is_one, not_a_prefix)
+    paths = [p for p, _ in jtu.tree_flatten_with_path(reduce, is_one)[0]]
+    out = []
+    for path, (r, sub) in zip(paths, pairs):
+        out.extend(
+            [(r, f" at {jtu.keystr(path) or '(root)'}")] * len(jtu.tree_leaves(sub))
+        )
+    return out
 
 
 def unreplicate(tree: PyTree, reduce: Checked[Reduce | PyTree] = "first") -> PyTree:
@@ -353,27 +384,15 @@ def unreplicate(tree: PyTree, reduce: Checked[Reduce | PyTree] = "first") -> PyT
         assert jnp.allclose(out["mean"], (n - 1) / 2)
         ```
     """
+    for path, r in jtu.tree_flatten_with_path(reduce, is_one_reduction)[0]:
+        _one_reduction(r, f" at {jtu.keystr(path)}" if path else "")  # even unused
     leaves, treedef = jtu.tree_flatten_with_path(tree)
-    if _is_reduction(reduce):
-        fns = [_one_reduction(reduce, "")] * len(leaves)
-    else:
-
-        def not_a_prefix(spec_def: Any, e: Exception) -> SpecError:
-            return SpecError(
-                "unreplicate: `reduce` is neither a reduction (a string or callable) "
-                f"nor a pytree prefix of `tree`: it has structure {spec_def}. Give "
-                "one reduction for the whole tree, or a tree that matches `tree` "
-                "down to where the reductions start (e.g. "
-                "`{'stats': 'mean', 'step': 'first'}` for a dict). "
-                f"(JAX said: {e})"
-            )
-
-        pairs = spread_prefix(reduce, tree, _is_reduction, not_a_prefix)
-        where = [p for p, _ in jtu.tree_flatten_with_path(reduce, _is_reduction)[0]]
-        fns = []
-        for path, (r, sub) in zip(where, pairs):
-            f = _one_reduction(r, f" at {jtu.keystr(path) or '(root)'}")
-            fns.extend([f] * len(jtu.tree_leaves(sub)))
+    fns = [
+        _one_reduction(r, where)
+        for r, where in reductions_per_leaf(
+            reduce, tree, is_one_reduction, "unreplicate"
+        )
+    ]
     out = [
         fn(_per_device(leaf, f"the leaf at {jtu.keystr(path) or '(root)'}"))
         if is_array(leaf)
