@@ -372,13 +372,14 @@ def unreplicate(tree: PyTree, reduce: Checked[Reduce | PyTree] = "first") -> PyT
 
         import eqpar
 
-        n = len(eqpar.data_mesh().devices)
+        mesh = eqpar.data_mesh()
+        n = mesh.devices.size
         # BatchNorm statistics differ per device; the step counter does not.
         per_device = {
-            "mean": jnp.arange(n, dtype=jnp.float32)[:, None] * jnp.ones(3),
+            "mean": jnp.outer(jnp.arange(n, dtype=jnp.float32), jnp.ones(3)),
             "step": jnp.full(n, 7),
         }
-        per_device = eqpar.filter_device_put(per_device, P("data"))
+        per_device = eqpar.filter_device_put(per_device, P("data"), mesh=mesh)
         out = eqpar.unreplicate(per_device, reduce={"mean": "mean", "step": "first"})
         assert out["step"] == 7 and out["step"].dtype == per_device["step"].dtype
         assert jnp.allclose(out["mean"], (n - 1) / 2)
