@@ -262,12 +262,14 @@ class CheckpointManager:
     A step becomes visible (to `latest_step`, `all_steps`, `restore`) only once every
     process has finished writing it: a run killed while saving leaves an unfinished
     `<step>.orbax-checkpoint-tmp` folder, which is never restored and is removed by
-    the next `CheckpointManager` on that directory.
+    the next `CheckpointManager` on that directory. A folder named like a step that
+    is not a checkpoint (e.g. an empty `5/` made by hand) is ignored with an
+    `eqpar.EqparWarning` naming it; remove it.
 
     **Arguments:**
 
-    - `directory`: the folder of checkpoints (created if missing); one sub-folder
-        per step. It must be reachable by every process (a shared file system or a
+    - `directory`: the folder of checkpoints (created if missing; a file there is
+        an `eqpar.CheckpointError`); one sub-folder per step. It must be reachable by every process (a shared file system or a
         bucket orbax supports).
     - `max_to_keep`: keep only the latest this many checkpoints (default: all).
     - `async_save`: save in the background: `save` returns once the arrays are
@@ -397,7 +399,9 @@ class CheckpointManager:
             this directory (usually the training step).
         - `tree`: any pytree. Its array leaves (JAX and NumPy arrays, NumPy
             scalars, Python numbers and bools) are saved, with their paths; every
-            other leaf is left out (restore gets it from `like`).
+            other leaf is left out (restore gets it from `like`). Arrays hold
+            numbers or bools: a NumPy array of strings, objects or dates is an
+            `eqpar.CheckpointError` naming its leaf.
         """
         self._check_open("save")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -466,13 +470,21 @@ class CheckpointManager:
             are returned as they are. Each array leaf says what is read: a
             `jax.Array` or `jax.ShapeDtypeStruct` gives a `jax.Array` with its
             sharding (a `ShapeDtypeStruct` without one: this process's first
-            device), a NumPy array gives a NumPy array, a Python number or NumPy
-            scalar gives one of its type. Shapes and dtypes must be the saved ones.
+            device), a NumPy array gives a NumPy array, a NumPy scalar gives one of
+            its type. Shapes and dtypes must be the saved ones: nothing is cast
+            on the way in (cast after restoring). A Python number gives one of its
+            type holding the saved value, so it must be of the saved kind (a
+            `float` for any saved float, an `int` for any saved integer, a `bool`,
+            a `complex`): a saved `0.5` restored with `like`'s `0` is an error,
+            never a silent `0`.
         - `step`: which checkpoint (default: the latest).
         - `spec`: where the arrays go instead of `like`'s shardings: a
             `PartitionSpec` (on `mesh`) or a `jax.sharding.Sharding` for every array,
             or a pytree prefix of `like` with those (or `None`: keep `like`'s) at
-            its leaves (one spec per leaf, or per subtree).
+            its leaves (one spec per leaf, or per subtree). A spec longer than a
+            leaf's rank is an error naming the leaf, scalars included (give them
+            `P()` in a prefix such as `{'params': P('data'), 'step': P()}`): a
+            scalar is never silently replicated in place of the split asked for.
         - `mesh`: the mesh of `PartitionSpec`s in `spec` (default: the context
             mesh).
 

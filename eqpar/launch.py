@@ -10,6 +10,12 @@ Output is streamed line by line, each line whole and prefixed `[pI]` (stdout and
 stderr alike); gloo's "[Gloo] Rank r is connected to k peer ranks" messages are
 dropped.
 
+With N > 1, every process must join JAX's multi-process runtime
+(`eqpar.initialize()`, or `jax.distributed.initialize()`): a process that runs its
+script to the end without joining ends with status 1 and a line saying so, which
+fails the run, since its processes ran as N independent programs (each computing
+the whole thing on its own devices) rather than one.
+
 Nothing hangs and nothing is left running:
 
 - A process that fails (an uncaught exception, `sys.exit(n)` with `n != 0`,
