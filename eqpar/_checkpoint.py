@@ -269,8 +269,9 @@ class CheckpointManager:
     **Arguments:**
 
     - `directory`: the folder of checkpoints (created if missing; a file there is
-        an `eqpar.CheckpointError`); one sub-folder per step. It must be reachable by every process (a shared file system or a
-        bucket orbax supports).
+        an `eqpar.CheckpointError`); one sub-folder per step. It must be
+        reachable by every process (a shared file system or a bucket orbax
+        supports).
     - `max_to_keep`: keep only the latest this many checkpoints (default: all).
     - `async_save`: save in the background: `save` returns once the arrays are
         copied to host memory (so they may be changed or donated right after), and
