@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding
 from jaxtyping import PyTree
 
-from ._errors import Checked, CheckpointError, MeshError, SpecError
+from ._errors import Checked, CheckpointError, MeshError, SpecError, warn
 from ._specs import spread_prefix
 
 
@@ -82,6 +82,33 @@ def _stored(x: Any) -> tuple[tuple[int, ...], np.dtype]:
 
 def _describe(shape: Iterable[int], dtype: Any) -> str:
     return f"{np.dtype(dtype).name}[{', '.join(str(d) for d in shape)}]"
+
+
+def _storable(dtype: Any) -> bool:
+    """Whether orbax (tensorstore) can store arrays of `dtype`: numbers and bools
+    (bfloat16 and the other ML dtypes included); not strings, objects or dates."""
+    return bool(jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
+
+
+# The kinds of NumPy dtype a Python number of `like` accepts: its own kind at any
+# width, which it holds exactly (a Python float is a float64, a Python int is
+# unbounded). A value of another kind (a saved `0.5` into `like`'s `0`) would be
+# converted with a loss, so it is an error, as an array of another dtype is.
+_PYTHON_KINDS = {bool: "b", int: "iu", float: "f", complex: "c"}
+
+
+def _python_kind(x: Any) -> str | None:
+    """The dtype kinds a Python-number leaf of `like` accepts (None: not one)."""
+    for t in (bool, int, float, complex):  # bool first: it is an int too
+        if isinstance(x, t):
+            return _PYTHON_KINDS[t]
+    return None
+
+
+def _example_of_kind(dtype: np.dtype) -> str:
+    return {"b": "False", "i": "0", "u": "0", "f": "0.0", "c": "0j"}.get(
+        dtype.kind, "0"
+    )
 
 
 def _short_list(names: list[str], limit: int = 6) -> str:
@@ -149,6 +176,17 @@ def _target_sharding(x: Any, spec: Any, mesh: Mesh | None, name: str) -> Shardin
                 f"does not fit the mesh {dict(mesh.shape)}: {e}"
             ) from None
     assert isinstance(spec, Sharding)
+    if isinstance(spec, NamedSharding) and len(spec.spec) > len(x.shape):
+        # A scalar under a spec given for a whole tree (`spec=P("data")`) too: it
+        # has no dimension to split, and replicating it instead would quietly
+        # ignore the spec, so the leaf is named and the fix said.
+        raise SpecError(
+            f"CheckpointManager.restore: the spec {spec.spec} splits "
+            f"{len(spec.spec)} dimension(s) of the leaf at {name}, which has shape "
+            f"{tuple(x.shape)} (rank {len(x.shape)}). Give `spec` as a pytree "
+            f"prefix of `like` with P() (replicated) for this leaf, e.g. "
+            f"`{{'params': P('data'), 'step': P()}}`."
+        )
     try:
         spec.shard_shape(tuple(x.shape))
     except (ValueError, TypeError) as e:
@@ -168,8 +206,35 @@ def _from_disk(value: Any, like: Any) -> Any:
     if isinstance(like, np.ndarray):
         return value
     if isinstance(like, np.generic):
-        return value.astype(like.dtype)[()]
-    return type(like)(value.item())  # a Python number or bool
+        return value[()]  # of like's dtype (checked)
+    return type(like)(value.item())  # a Python number of the saved kind (checked)
+
+
+def _check_folder(directory: str) -> None:
+    """Raises `CheckpointError` when `directory` is, or would be created inside,
+    something that is not a folder (orbax would fail later, in a background
+    thread)."""
+    path = directory
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+    if not os.path.isdir(path):
+        where = "is" if path == directory else f"would be inside {path}, which is"
+        raise CheckpointError(
+            f"CheckpointManager: the checkpoint directory {directory} {where} a file, "
+            "not a folder. Pass the path of a folder (it is created if missing), "
+            "e.g. one next to that file."
+        )
+
+
+def _describe_folder(folder: str) -> str:
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return "nothing readable"
+    return "nothing" if not names else _short_list(names, 3)
 
 
 # ----------------------------------------------------------------------------------
@@ -197,13 +262,16 @@ class CheckpointManager:
     A step becomes visible (to `latest_step`, `all_steps`, `restore`) only once every
     process has finished writing it: a run killed while saving leaves an unfinished
     `<step>.orbax-checkpoint-tmp` folder, which is never restored and is removed by
-    the next `CheckpointManager` on that directory.
+    the next `CheckpointManager` on that directory. A folder named like a step that
+    is not a checkpoint (e.g. an empty `5/` made by hand) is ignored with an
+    `eqpar.EqparWarning` naming it; remove it.
 
     **Arguments:**
 
-    - `directory`: the folder of checkpoints (created if missing); one sub-folder
-        per step. It must be reachable by every process (a shared file system or a
-        bucket orbax supports).
+    - `directory`: the folder of checkpoints (created if missing; a file there is
+        an `eqpar.CheckpointError`); one sub-folder per step. It must be
+        reachable by every process (a shared file system or a bucket orbax
+        supports).
     - `max_to_keep`: keep only the latest this many checkpoints (default: all).
     - `async_save`: save in the background: `save` returns once the arrays are
         copied to host memory (so they may be changed or donated right after), and
@@ -262,6 +330,7 @@ class CheckpointManager:
                 f"{max_to_keep!r}."
             )
         self._directory = os.path.abspath(os.fspath(directory))
+        _check_folder(self._directory)
         ocp = _orbax()
         self._manager = ocp.CheckpointManager(
             self._directory,
@@ -274,11 +343,41 @@ class CheckpointManager:
             item_handlers=ocp.StandardCheckpointHandler(),
         )
         self._closed = False
+        self._finished: set[int] = set()  # steps seen to be whole checkpoints
+        self._strays: set[int] = set()  # step-like folders warned about
 
     @property
     def directory(self) -> str:
         """The folder of checkpoints, as an absolute path."""
         return self._directory
+
+    def _steps(self) -> list[int]:
+        """The finished checkpoints, in increasing order: orbax's steps, less any
+        folder that is only named like one (e.g. an empty `5/`), which orbax would
+        list and then fail to read. Such a folder is skipped with a warning rather
+        than refused: it need not stop a run from resuming from the checkpoints
+        that are whole. Waits for a save in progress."""
+        self._manager.wait_until_finished()
+        steps = []
+        for step in sorted(self._manager.all_steps()):
+            if step not in self._finished:
+                folder = os.path.join(self._directory, str(step))
+                if not (
+                    os.path.isdir(folder)
+                    and _orbax().path.format_utils.is_orbax_checkpoint(folder)
+                ):
+                    if step not in self._strays:
+                        self._strays.add(step)
+                        warn(
+                            f"CheckpointManager: {folder} is named like the "
+                            f"checkpoint of step {step} but is not one (it holds "
+                            f"{_describe_folder(folder)}); it is ignored. Remove it "
+                            "(or move it out of the checkpoint directory)."
+                        )
+                    continue
+                self._finished.add(step)
+            steps.append(step)
+        return steps
 
     def _check_open(self, what: str) -> None:
         if self._closed:
@@ -301,7 +400,9 @@ class CheckpointManager:
             this directory (usually the training step).
         - `tree`: any pytree. Its array leaves (JAX and NumPy arrays, NumPy
             scalars, Python numbers and bools) are saved, with their paths; every
-            other leaf is left out (restore gets it from `like`).
+            other leaf is left out (restore gets it from `like`). Arrays hold
+            numbers or bools: a NumPy array of strings, objects or dates is an
+            `eqpar.CheckpointError` naming its leaf.
         """
         self._check_open("save")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -313,19 +414,35 @@ class CheckpointManager:
         items = {}
         for path, leaf in leaves:
             if _is_saved(leaf):
-                items[_name(path)] = (
+                value = (
                     leaf
                     if isinstance(leaf, (jax.Array, np.ndarray))
                     else np.asarray(leaf)
                 )
+                if not (_storable(value.dtype) or _is_key(value.dtype)):
+                    raise CheckpointError(
+                        f"CheckpointManager.save: the leaf at {_name(path)} is an "
+                        f"array of dtype {value.dtype} (shape {value.shape}), which a "
+                        "checkpoint cannot store: only numbers and bools can. Keep "
+                        "strings, objects and dates out of the saved tree (e.g. as "
+                        "a Python string, which is not saved and comes back from "
+                        "`like`), or encode them as numbers."
+                    )
+                items[_name(path)] = value
         if not items:
             raise CheckpointError(
                 "CheckpointManager.save: the tree has no array leaves, so there is "
                 "nothing to save. Save the arrays (e.g. a Module's parameters, an "
                 "optimiser state) that training changes."
             )
-        self._manager.wait_until_finished()
-        latest = self._manager.latest_step()
+        steps = self._steps()
+        latest = steps[-1] if steps else None
+        if step in self._strays:
+            raise CheckpointError(
+                f"CheckpointManager.save: step {step} cannot be saved: "
+                f"{os.path.join(self._directory, str(step))} already exists and is "
+                "not a checkpoint. Remove that folder, or save another step."
+            )
         if latest is not None and step <= latest:
             raise CheckpointError(
                 f"CheckpointManager.save: step {step} is not after the latest "
@@ -354,13 +471,21 @@ class CheckpointManager:
             are returned as they are. Each array leaf says what is read: a
             `jax.Array` or `jax.ShapeDtypeStruct` gives a `jax.Array` with its
             sharding (a `ShapeDtypeStruct` without one: this process's first
-            device), a NumPy array gives a NumPy array, a Python number or NumPy
-            scalar gives one of its type. Shapes and dtypes must be the saved ones.
+            device), a NumPy array gives a NumPy array, a NumPy scalar gives one of
+            its type. Shapes and dtypes must be the saved ones: nothing is cast
+            on the way in (cast after restoring). A Python number gives one of its
+            type holding the saved value, so it must be of the saved kind (a
+            `float` for any saved float, an `int` for any saved integer, a `bool`,
+            a `complex`): a saved `0.5` restored with `like`'s `0` is an error,
+            never a silent `0`.
         - `step`: which checkpoint (default: the latest).
         - `spec`: where the arrays go instead of `like`'s shardings: a
             `PartitionSpec` (on `mesh`) or a `jax.sharding.Sharding` for every array,
             or a pytree prefix of `like` with those (or `None`: keep `like`'s) at
-            its leaves (one spec per leaf, or per subtree).
+            its leaves (one spec per leaf, or per subtree). A spec longer than a
+            leaf's rank is an error naming the leaf, scalars included (give them
+            `P()` in a prefix such as `{'params': P('data'), 'step': P()}`): a
+            scalar is never silently replicated in place of the split asked for.
         - `mesh`: the mesh of `PartitionSpec`s in `spec` (default: the context
             mesh).
 
@@ -374,9 +499,9 @@ class CheckpointManager:
         does not have the saved leaves, shapes and dtypes.
         """
         self._check_open("restore")
-        self._manager.wait_until_finished()
+        steps = self._steps()
         if step is None:
-            step = self._manager.latest_step()
+            step = steps[-1] if steps else None
             if step is None:
                 raise CheckpointError(
                     f"CheckpointManager.restore: there is no checkpoint in "
@@ -384,11 +509,10 @@ class CheckpointManager:
                     "while saving, does not count). Check `latest_step()` first: it "
                     "is None when there is nothing to resume from."
                 )
-        elif step not in self._manager.all_steps():
+        elif step not in steps:
             raise CheckpointError(
                 f"CheckpointManager.restore: there is no checkpoint of step {step!r} "
-                f"in {self._directory}; the steps there are "
-                f"{list(self._manager.all_steps())}."
+                f"in {self._directory}; the steps there are {steps}."
             )
         saved = self._saved_leaves(step)
 
@@ -419,8 +543,19 @@ class CheckpointManager:
             name = _name(path)
             shape, dtype = _stored(leaf)
             saved_shape, saved_dtype = saved[name]
-            scalar = not isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct, np.ndarray))
-            if shape != saved_shape or (dtype != saved_dtype and not scalar):
+            kinds = _python_kind(leaf)
+            if kinds is not None and shape == saved_shape:
+                if saved_dtype.kind not in kinds:
+                    raise CheckpointError(
+                        f"CheckpointManager.restore: the leaf at {name} was saved as "
+                        f"{_describe(saved_shape, saved_dtype)} but `like` has the "
+                        f"Python {type(leaf).__name__} {leaf!r} there, which would "
+                        "not hold the saved value exactly. Put a Python number of "
+                        f"the saved kind there (e.g. "
+                        f"`{_example_of_kind(saved_dtype)}`), and convert after "
+                        "restoring if you need another type."
+                    )
+            elif shape != saved_shape or dtype != saved_dtype:
                 raise CheckpointError(
                     f"CheckpointManager.restore: the leaf at {name} was saved as "
                     f"{_describe(saved_shape, saved_dtype)} but `like` has "
@@ -473,15 +608,14 @@ class CheckpointManager:
         """The step of the latest finished checkpoint, or `None` if there is none
         (a fresh start). Waits for a save in progress."""
         self._check_open("latest_step")
-        self._manager.wait_until_finished()
-        return self._manager.latest_step()
+        steps = self._steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
         """The steps of every finished checkpoint kept, in increasing order. Waits
         for a save in progress."""
         self._check_open("all_steps")
-        self._manager.wait_until_finished()
-        return sorted(self._manager.all_steps())
+        return self._steps()
 
     def wait(self) -> None:
         """Waits until a save in progress is completely written (and visible)."""

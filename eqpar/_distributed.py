@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
-from ._errors import MeshError, SpecError
+from ._errors import Checked, MeshError, SpecError
 from ._specs import is_array
 
 
@@ -49,11 +49,11 @@ def _from_env(name: str, env: Mapping[str, str]) -> str | None:
 
 
 def initialize(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
+    coordinator_address: Checked[str | None] = None,
+    num_processes: Checked[int | None] = None,
+    process_id: Checked[int | None] = None,
     *,
-    local_device_count: int | None = None,
+    local_device_count: Checked[int | None] = None,
 ) -> bool:
     """Starts JAX's multi-process runtime, from arguments or the environment.
 
@@ -101,6 +101,7 @@ def initialize(
         assert started == (jax.process_count() > 1)
         ```
     """
+    _check_arguments(coordinator_address, num_processes, process_id, local_device_count)
     env = os.environ
     coordinator_address = coordinator_address or _from_env("coordinator_address", env)
     num = num_processes if num_processes is not None else _int_env("num_processes")
@@ -111,6 +112,11 @@ def initialize(
         else _int_env("local_device_count")
     )
     if local is not None:
+        if local < 1:  # from the environment (arguments are checked above)
+            raise MeshError(
+                f"EQPAR_LOCAL_DEVICES must be a positive integer (simulated CPU "
+                f"devices per process), got {local}; unset it for JAX's default."
+            )
         jax.config.update("jax_num_cpu_devices", local)
     if coordinator_address is None and num is None and pid is None:
         return False
@@ -128,6 +134,45 @@ def initialize(
     )
     _end_process_on_uncaught_exceptions(pid, num)
     return True
+
+
+def _check_arguments(
+    coordinator_address: object,
+    num_processes: object,
+    process_id: object,
+    local_device_count: object,
+) -> None:
+    """eqpar errors for arguments of the wrong kind (JAX's would be an
+    `AttributeError` deep inside `jax.distributed`)."""
+    if coordinator_address is not None and not isinstance(coordinator_address, str):
+        raise MeshError(
+            "initialize: `coordinator_address` must be a string 'host:port' (process "
+            "0's address and a free port, e.g. '10.0.0.1:1234'), got "
+            f"{coordinator_address!r} ({type(coordinator_address).__name__}); for a "
+            f"port alone on this machine, pass '127.0.0.1:{coordinator_address}'."
+        )
+    for name, value, least in (
+        ("num_processes", num_processes, 1),
+        ("process_id", process_id, 0),
+        ("local_device_count", local_device_count, 1),
+    ):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < least
+        ):
+            raise MeshError(
+                f"initialize: `{name}` must be an integer of at least {least} (or "
+                f"None: read from the environment), got {value!r}."
+            )
+    if (
+        isinstance(num_processes, int)
+        and isinstance(process_id, int)
+        and process_id >= num_processes
+    ):
+        raise MeshError(
+            f"initialize: `process_id` must be below `num_processes`: got process_id="
+            f"{process_id} with num_processes={num_processes} (ids are 0 to "
+            f"{num_processes - 1})."
+        )
 
 
 def _end_process_on_uncaught_exceptions(process_id: int, num_processes: int) -> None:

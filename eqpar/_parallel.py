@@ -30,7 +30,7 @@ from ._dispatch import (
 from ._errors import AxisSizeError, Checked, MeshError, SpecError, warn
 from ._keys import is_legacy_key, is_scalar_key, per_example_keys
 from ._mapped import AxisSpec
-from ._placement import STACK_REDUCTIONS
+from ._placement import is_one_reduction, reductions_per_leaf, STACK_REDUCTIONS
 from ._runner import (
     check_shard_map_options,
     eager_autodiff_check,
@@ -97,7 +97,7 @@ class _Parallel:
 
     def __init__(
         self,
-        reduce: ParallelReduce,
+        reduce: ParallelReduce | PyTree,
         axis_name: Hashable,
         in_axes: Any,
         mesh: Mesh | None,
@@ -133,7 +133,7 @@ class _Parallel:
             )
         devices = mesh.shape[self.axis_name]
         pad = (-size) % devices
-        if pad and self.reduce != "concat":
+        if pad and any(r != "concat" for r in _reduce_leaves(self.reduce)):
             raise AxisSizeError(
                 f"Parallel(reduce={self.reduce!r}) got a batch of {size} examples, "
                 f"which does not divide over {devices} devices. Padding would change "
@@ -198,6 +198,7 @@ class _Parallel:
         per_device_rows = total // mesh.shape[name]
         # Filled while JAX traces `per_device` (one list per trace: thread-safe).
         stacked: list[bool] = []  # per output array: a stack left to reduce
+        reductions: list[Any] = []  # per output array: its reduction
         out_specs: list[P] = []
 
         def call(*blocks: Any) -> Any:
@@ -212,16 +213,19 @@ class _Parallel:
                 _refuse_collectives(jax.make_jaxpr(call)(*blocks), name, split)
             out = call(*blocks)
             out_leaves, out_def = jtu.tree_flatten(out)
+            per_leaf = reductions_per_leaf(reduce, out, _is_one, "Parallel")
             new_leaves = []
             stacked.clear()
+            reductions.clear()
             out_specs.clear()
-            for x in out_leaves:
+            for x, (r, _) in zip(out_leaves, per_leaf):
                 if is_array(x):
                     x, spec, is_stacked = _per_device_output(
-                        jnp.asarray(x), reduce, name, per_device_rows, self.check_vma
+                        jnp.asarray(x), r, name, per_device_rows, self.check_vma
                     )
                     out_specs.append(spec)
                     stacked.append(is_stacked)
+                    reductions.append(r)
                 new_leaves.append(x)
             return out_def.unflatten(new_leaves)
 
@@ -236,29 +240,42 @@ class _Parallel:
         )
         out_leaves, out_def = jtu.tree_flatten(out)
         arrays = iter([x for x in out_leaves if is_array(x)])
-        finished = iter(self._finish(mesh, list(arrays), stacked, split))
+        finished = iter(_finish(mesh, list(arrays), stacked, reductions, split))
         return out_def.unflatten(
             [next(finished) if is_array(x) else x for x in out_leaves]
         )
 
-    def _finish(
-        self, mesh: Mesh, outs: list[Any], stacked: list[bool], split: _Split
-    ) -> list[Any]:
-        """The outputs as one device would return them: padding trimmed, stacks
-        reduced (gathered first: an Explicit axis cannot be sliced unevenly,
-        indexed or handed to an arbitrary callable while sharded)."""
-        if self.reduce == "concat":
-            if split.pad:
-                return [gather(mesh, x)[: split.size] for x in outs]
-            return outs
-        if self.reduce is None:
-            return outs
-        fn = (
-            STACK_REDUCTIONS[self.reduce]
-            if isinstance(self.reduce, str)
-            else self.reduce
-        )
-        return [fn(gather(mesh, x)) if s else x for x, s in zip(outs, stacked)]
+
+def _finish(
+    mesh: Mesh,
+    outs: list[Any],
+    stacked: list[bool],
+    reductions: list[Any],
+    split: _Split,
+) -> list[Any]:
+    """The outputs as one device would return them, each by its reduction: padding
+    trimmed, stacks reduced (gathered first: an Explicit axis cannot be sliced
+    unevenly, indexed or handed to an arbitrary callable while sharded)."""
+    done = []
+    for x, is_stacked, r in zip(outs, stacked, reductions):
+        if r == "concat":
+            done.append(gather(mesh, x)[: split.size] if split.pad else x)
+        elif r is None or not is_stacked:
+            done.append(x)
+        else:
+            fn = STACK_REDUCTIONS[r] if isinstance(r, str) else r
+            done.append(fn(gather(mesh, x)))
+    return done
+
+
+def _is_one(x: Any) -> bool:
+    """One reduction of `Parallel` (None: stacked per device), not a prefix."""
+    return x is None or is_one_reduction(x)
+
+
+def _reduce_leaves(reduce: Any) -> list[Any]:
+    """The reductions a `reduce` (one, or a pytree prefix of the outputs) names."""
+    return jtu.tree_leaves(reduce, is_leaf=_is_one)
 
 
 # Primitives that name an axis but move nothing between devices.
@@ -407,7 +424,12 @@ class Parallel(eqx.Module):
             everywhere, so device 0's value is brought back (about one all-reduce
             per output: `benchmarks/RESULTS.md`, training).
         - a callable applied to each output's `(devices, ...)` stack.
-        These last four need a batch that divides (pad it with `eqpar.pad_batch`).
+        - a pytree prefix of the outputs with those at its leaves, one per output
+            (or subtree), e.g. `{"loss": "mean", "pred": "concat"}` for a `fun`
+            returning such a dict. (An `eqx.Module` there is a prefix, not a
+            callable.)
+        All but `"concat"` need a batch that divides (pad it with
+        `eqpar.pad_batch`).
         An empty batch gives empty outputs (as `jax.vmap` does).
     - `axis_name`: the device axis name, for collectives inside `fun`. Default: the
         only axis of `mesh`, or `"devices"` on the mesh `Parallel` builds.
@@ -465,14 +487,14 @@ class Parallel(eqx.Module):
     """
 
     _call: Transformed
-    reduce: ParallelReduce = eqx.field(static=True)
+    reduce: ParallelReduce | PyTree = eqx.field(static=True)
     axis_name: Hashable = eqx.field(static=True)
 
     def __init__(
         self,
         fun: Checked[Callable[..., Any]],
         *,
-        reduce: Checked[ParallelReduce] = "concat",
+        reduce: Checked[ParallelReduce | PyTree] = "concat",
         axis_name: Hashable | None = None,
         in_axes: PyTree[AxisSpec] = BATCH,
         mesh: Checked[Mesh | None] = None,
@@ -484,11 +506,14 @@ class Parallel(eqx.Module):
                 f"Parallel runs a function, but was given {type(fun).__name__} "
                 f"{fun!r:.80}, which is not callable: `eqpar.Parallel(fn, ...)`."
             )
-        if not (reduce is None or callable(reduce) or reduce in _REDUCE):
-            raise SpecError(
-                f"Parallel got reduce={reduce!r}; use 'concat', 'mean', 'first', None "
-                "or a callable on the (devices, ...) stack of each output."
-            )
+        for path, r in jtu.tree_flatten_with_path(reduce, is_leaf=_is_one)[0]:
+            if not (r is None or callable(r) or (isinstance(r, str) and r in _REDUCE)):
+                at = f" at {jtu.keystr(path)}" if path else ""
+                raise SpecError(
+                    f"Parallel got reduce={r!r}{at}; use 'concat', 'mean', 'first', "
+                    "None or a callable on the (devices, ...) stack of each output, "
+                    "or a pytree prefix of the outputs with those at its leaves."
+                )
         check_shard_map_options(mesh, None, check_vma, "Parallel")
         donate = check_donate(donate)
         if mesh is not None and axis_name is None:

@@ -8,6 +8,7 @@ the mesh and the arrays with the same errors `filter_shard_map` raises.
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.core
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from ._specs import (
     check_spec,
     is_array,
     spec_axes,
+    spread_prefix,
 )
 
 
@@ -305,8 +307,63 @@ def _per_device(x: Any, where: str) -> Any:
     return x
 
 
-def unreplicate(tree: PyTree, reduce: Checked[Reduce] = "first") -> PyTree:
-    """Reduces per-device values to one, leaf by leaf (Objax's table).
+def _one_reduction(reduce: Any, where: str) -> Callable[[Any], Any]:
+    """The function of a `(devices, ...)` stack that `reduce` names."""
+    if isinstance(reduce, str):
+        if reduce not in STACK_REDUCTIONS:
+            raise SpecError(
+                f"unreplicate got reduce={reduce!r}{where}; use one of "
+                f"{sorted(STACK_REDUCTIONS)} or a callable on the (devices, ...) stack."
+            )
+        return STACK_REDUCTIONS[reduce]
+    if callable(reduce):
+        return reduce
+    raise SpecError(
+        f"unreplicate's `reduce` must be a string or callable, or a pytree prefix of "
+        f"`tree` with those at its leaves: got {reduce!r}{where}."
+    )
+
+
+def is_one_reduction(x: Any) -> bool:
+    """A leaf of a `reduce` prefix: a name or a function (a Module, callable or not,
+    is a tree to look into: it is how a prefix shaped like a model is written)."""
+    return isinstance(x, str) or (callable(x) and not isinstance(x, eqx.Module))
+
+
+def reductions_per_leaf(
+    reduce: Any, tree: Any, is_one: Callable[[Any], bool], who: str
+) -> list[tuple[Any, str]]:
+    """For each leaf of `tree` (in `jtu.tree_leaves` order), its reduction and where
+    in `reduce` it was given (`" at ['stats']"`, or `""` for one reduction for the
+    whole tree), from `reduce`: one reduction (`is_one(reduce)`), or a pytree
+    prefix of `tree` with reductions at its leaves. Shared by `unreplicate` and
+    `Parallel`, whose reductions differ (`is_one`) but not how they spread."""
+    count = len(jtu.tree_leaves(tree))
+    if is_one(reduce):
+        return [(reduce, "")] * count
+
+    def not_a_prefix(spec_def: Any, e: Exception) -> SpecError:
+        return SpecError(
+            f"{who}: `reduce` is neither a reduction (a string or callable) nor a "
+            f"pytree prefix of the tree it reduces: it has structure {spec_def}. "
+            "Give one reduction for the whole tree, or a tree that matches it down "
+            "to where the reductions start (e.g. "
+            f"`{{'stats': 'mean', 'step': 'first'}}` for a dict). (JAX said: {e})"
+        )
+
+    pairs = spread_prefix(reduce, tree, is_one, not_a_prefix)
+    paths = [p for p, _ in jtu.tree_flatten_with_path(reduce, is_one)[0]]
+    out = []
+    for path, (r, sub) in zip(paths, pairs):
+        out.extend(
+            [(r, f" at {jtu.keystr(path) or '(root)'}")] * len(jtu.tree_leaves(sub))
+        )
+    return out
+
+
+def unreplicate(tree: PyTree, reduce: Checked[Reduce | PyTree] = "first") -> PyTree:
+    """Reduces per-device values to one, leaf by leaf (Objax's table), each leaf
+    with its own reduction if need be.
 
     **Arguments:**
 
@@ -320,7 +377,11 @@ def unreplicate(tree: PyTree, reduce: Checked[Reduce] = "first") -> PyTree:
         `eqpar.SpecError` rather than reading its axis 0 as devices.
     - `reduce`: `"first"` (device 0's value, dtype kept), `"mean"` (a float mean),
         `"sum"`, `"stack"` (the per-device values stacked on a leading axis) or a
-        callable applied to each leaf's `(devices, ...)` stack.
+        callable applied to each leaf's `(devices, ...)` stack; or a pytree prefix
+        of `tree` with those at its leaves, one reduction per leaf or subtree (as
+        Objax's variables each carry their own `reduce`), e.g.
+        `{"stats": "mean", "step": "first"}`. An `eqx.Module` in `reduce` is a
+        prefix (its fields hold the reductions), never a callable reduction.
 
     **Returns:**
 
@@ -330,34 +391,38 @@ def unreplicate(tree: PyTree, reduce: Checked[Reduce] = "first") -> PyTree:
     !!! example
 
         ```python
-        import jax, jax.numpy as jnp, eqpar
+        import jax.numpy as jnp
+        from jax.sharding import PartitionSpec as P
 
-        n = jax.device_count()
-        per_device = eqpar.filter_pmap(lambda i: i * 2.0)(jnp.arange(float(n)))
-        assert eqpar.unreplicate(per_device) == 0.0  # device 0's value
-        assert eqpar.unreplicate(per_device, "mean") == n - 1.0
-        assert eqpar.unreplicate(per_device, "stack").shape == (n,)
+        import eqpar
+
+        mesh = eqpar.data_mesh()
+        n = mesh.devices.size
+        # BatchNorm statistics differ per device; the step counter does not.
+        per_device = {
+            "mean": jnp.outer(jnp.arange(n, dtype=jnp.float32), jnp.ones(3)),
+            "step": jnp.full(n, 7),
+        }
+        per_device = eqpar.filter_device_put(per_device, P("data"), mesh=mesh)
+        out = eqpar.unreplicate(per_device, reduce={"mean": "mean", "step": "first"})
+        assert out["step"] == 7 and out["step"].dtype == per_device["step"].dtype
+        assert jnp.allclose(out["mean"], (n - 1) / 2)
         ```
     """
-    if isinstance(reduce, str):
-        if reduce not in STACK_REDUCTIONS:
-            raise SpecError(
-                f"unreplicate got reduce={reduce!r}; use one of "
-                f"{sorted(STACK_REDUCTIONS)} or a callable on the (devices, ...) stack."
-            )
-        fn = STACK_REDUCTIONS[reduce]
-    elif callable(reduce):
-        fn = reduce
-    else:
-        raise SpecError(
-            f"unreplicate's `reduce` must be a string or callable: {reduce!r}"
-        )
+    for path, r in jtu.tree_flatten_with_path(reduce, is_one_reduction)[0]:
+        _one_reduction(r, f" at {jtu.keystr(path)}" if path else "")  # even unused
     leaves, treedef = jtu.tree_flatten_with_path(tree)
+    fns = [
+        _one_reduction(r, where)
+        for r, where in reductions_per_leaf(
+            reduce, tree, is_one_reduction, "unreplicate"
+        )
+    ]
     out = [
         fn(_per_device(leaf, f"the leaf at {jtu.keystr(path) or '(root)'}"))
         if is_array(leaf)
         else leaf
-        for path, leaf in leaves
+        for fn, (path, leaf) in zip(fns, leaves)
     ]
     return jtu.tree_unflatten(treedef, out)
 

@@ -10,6 +10,12 @@ Output is streamed line by line, each line whole and prefixed `[pI]` (stdout and
 stderr alike); gloo's "[Gloo] Rank r is connected to k peer ranks" messages are
 dropped.
 
+With N > 1, every process must join JAX's multi-process runtime
+(`eqpar.initialize()`, or `jax.distributed.initialize()`): a process that runs its
+script to the end without joining ends with status 1 and a line saying so, which
+fails the run, since its processes ran as N independent programs (each computing
+the whole thing on its own devices) rather than one.
+
 Nothing hangs and nothing is left running:
 
 - A process that fails (an uncaught exception, `sys.exit(n)` with `n != 0`,
@@ -64,6 +70,7 @@ _BOOTSTRAP = (
 )
 _GLOO_CHATTER = re.compile(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\.")
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_NOT_JOINED = "eqpar.launch: "  # starts the line of a process that never joined
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.05
 
@@ -81,6 +88,7 @@ def _run_worker(launcher_pid: int, script: str, args: list[str]) -> None:
         code = _exit_status(e)
         if code != 0:
             _exit_now(code)
+        _check_joined(script)
         # Status 0: the normal exit, JAX's shutdown included (it waits for the
         # others, which is what a run that succeeds everywhere wants).
     except BaseException as e:
@@ -92,6 +100,43 @@ def _run_worker(launcher_pid: int, script: str, args: list[str]) -> None:
         # eqpar.initialize's hook (when installed) prints and ends the process.
         sys.excepthook(type(e), e, e.__traceback__)
         _exit_now(130 if isinstance(e, KeyboardInterrupt) else 1)
+    else:
+        _check_joined(script)
+
+
+def _check_joined(script: str) -> None:
+    """Ends a process that ran its script to the end without joining JAX's
+    multi-process runtime, with status 1 and a line saying what to do: with N > 1
+    processes it was one of N independent runs (each on its own devices, each
+    computing the whole thing), not one program, which status 0 would hide."""
+    processes = int(os.environ.get("EQPAR_NUM_PROCESSES", "1"))
+    if processes < 2 or _joined():
+        return
+    index = os.environ.get("EQPAR_PROCESS_ID", "?")
+    print(
+        f"{_NOT_JOINED}process {index} of {processes} ran to the end without joining "
+        "JAX's multi-process runtime: call `eqpar.initialize()` (or "
+        "`jax.distributed.initialize()`) at the start of the script, before any JAX "
+        f"computation. Without it the {processes} processes ran {script} as "
+        f"{processes} independent programs; to run it as one process, use `-n 1` "
+        "or plain `python`.",
+        file=sys.stderr,
+    )
+    _exit_now(1)
+
+
+def _joined() -> bool:
+    """Whether this process took part in JAX's multi-process runtime (looked up only
+    when the script has imported JAX: this file never imports it itself)."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return False
+    try:
+        if jax.distributed.is_initialized():
+            return True
+        return jax.process_count() > 1  # joined, then `jax.distributed.shutdown()`
+    except Exception:  # a backend that cannot start: nothing was joined
+        return False
 
 
 def _exit_status(e: SystemExit) -> int:
@@ -199,6 +244,8 @@ class _Process:
                 continue
             if line.startswith("Traceback (most recent call last):"):
                 in_traceback = True
+            elif line.startswith(_NOT_JOINED):
+                self.error = line.strip()
             elif in_traceback and line.strip() and not line[0].isspace():
                 self.error, in_traceback = line.strip(), False
             out.write(f"[p{self.index}] {line}")
@@ -377,7 +424,7 @@ def launch(
     if end.why is not None:
         why = end.why
         if end.failed is not None and end.failed.error:  # read to the end by now
-            why += f" after {end.failed.error[:200]}"
+            why += f" after {end.failed.error[:400]}"
         elif end.failed is None:
             why += ": " + ", ".join(
                 f"process {p.index} {_ended(p.proc.returncode)}" for p in running
@@ -411,9 +458,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
     if ns.processes < 1:
-        parser.error("-n must be at least 1")
-    if ns.grace < 0:
-        parser.error("--grace must be 0 or more seconds")
+        parser.error(f"-n must be at least 1, got {ns.processes}")
+    if ns.local_devices is not None and ns.local_devices < 1:
+        parser.error(
+            f"--local-devices must be at least 1 (simulated CPU devices per "
+            f"process), got {ns.local_devices}; leave it out for JAX's default"
+        )
+    if not ns.timeout > 0:  # also NaN
+        parser.error(
+            f"--timeout must be a positive number of seconds, got {ns.timeout:g}"
+        )
+    if not ns.grace >= 0:
+        parser.error(f"--grace must be 0 or more seconds, got {ns.grace:g}")
     if not os.path.exists(ns.script):
         parser.error(f"no such script: {ns.script!r} (give a path to a Python file)")
     return launch(

@@ -3,7 +3,12 @@ an eqpar error type whose message names what is wrong and says what to do; where
 gives advice that can be followed as written, following it works. None of these
 returns a result silently."""
 
+import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +105,63 @@ def _unbound_optax():
     opt = eqpar.pmean_updates("data")
     params = jnp.ones(3)
     return opt.update(params, opt.init(params))
+
+
+# ---------------------------------------------------- checkpoints and start-up
+
+
+def _saved(tree, step=1, stray=None):
+    """A CheckpointManager over a fresh folder holding `tree` as `step` (and an empty
+    folder named `stray`, if given), closed when the test's process ends."""
+    directory = tempfile.mkdtemp(prefix="eqpar-bad-input-")
+    ckpt = eqpar.CheckpointManager(directory)
+    _managers.append(ckpt)
+    if tree is not None:
+        ckpt.save(step, tree)
+        ckpt.wait()
+    if stray is not None:  # left by something else: seen by the next manager
+        ckpt.close()
+        os.mkdir(os.path.join(directory, str(stray)))
+        ckpt = eqpar.CheckpointManager(directory)
+        _managers.append(ckpt)
+    return ckpt
+
+
+_managers: list[eqpar.CheckpointManager] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _close_managers():
+    yield
+    for ckpt in _managers:
+        ckpt.close()
+        shutil.rmtree(ckpt.directory, ignore_errors=True)
+
+
+def _scalars_and_vector():
+    return {"step": jnp.int32(3), "w": jnp.arange(8.0)}
+
+
+def _restore_with_spec(spec):
+    tree = _scalars_and_vector()
+    return _saved(tree).restore(tree, spec=spec, mesh=eqpar.data_mesh())
+
+
+def _replicated_pair():
+    return eqpar.replicate({"a": jnp.ones(2), "b": jnp.ones(2)}, mesh=eqpar.data_mesh())
+
+
+def _a_file():
+    handle, path = tempfile.mkstemp(prefix="eqpar-not-a-folder-")
+    os.close(handle)
+    return path
+
+
+def _save_onto_stray_folder():
+    with pytest.warns(eqpar.EqparWarning, match="not one"):
+        ckpt = _saved({"w": jnp.ones(2)}, step=1, stray=5)
+        ckpt.latest_step()
+    ckpt.save(5, {"w": jnp.ones(2)})
 
 
 ROWS = [
@@ -758,6 +820,119 @@ ROWS = [
         r"Explicit.*with jax\.set_mesh\(mesh\):",
         lambda msg: (_grad_explicit("Parallel", context=True), jnp.float32(120.0)),
     ),
+    # ------------------------------------- CheckpointManager, initialize (issue 26)
+    Row(
+        "checkpoint/python-int-like-of-a-saved-float",
+        lambda: _saved({"lr": 0.5}).restore({"lr": 0}),
+        eqpar.CheckpointError,
+        r"\['lr'\] was saved as float64\[\].*Python int 0.*`0\.0`",
+        lambda msg: (
+            _saved({"lr": 0.5}).restore({"lr": eval(_advice(msg, "0"))}),
+            {"lr": 0.5},
+        ),
+    ),
+    Row(
+        "checkpoint/python-bool-like-of-a-saved-int",
+        lambda: _saved({"n": 3}).restore({"n": False}),
+        eqpar.CheckpointError,
+        r"\['n'\] was saved as int64\[\].*Python bool False",
+    ),
+    Row(
+        "checkpoint/numpy-scalar-like-of-another-dtype",
+        lambda: _saved({"x": np.float64(0.1)}).restore({"x": np.float32(0)}),
+        eqpar.CheckpointError,
+        r"\['x'\] was saved as float64\[\] but `like` has float32\[\]",
+    ),
+    Row(
+        "checkpoint/spec-splits-a-scalar",
+        lambda: _restore_with_spec(P("data")),
+        eqpar.SpecError,
+        r"P\('data',\).*leaf at \['step'\].*rank 0.*P\(\)",
+        lambda msg: (
+            _restore_with_spec({"step": P(), "w": P("data")}),
+            _scalars_and_vector(),
+        ),
+    ),
+    Row(
+        "checkpoint/directory-is-a-file",
+        lambda: eqpar.CheckpointManager(_a_file()),
+        eqpar.CheckpointError,
+        r"eqpar-not-a-folder-\w+ is a file, not a folder",
+    ),
+    Row(
+        "checkpoint/directory-inside-a-file",
+        lambda: eqpar.CheckpointManager(os.path.join(_a_file(), "ckpt")),
+        eqpar.CheckpointError,
+        r"ckpt would be inside .*eqpar-not-a-folder-\w+, which is a file",
+    ),
+    Row(
+        "checkpoint/numpy-string-array",
+        lambda: _saved(None).save(
+            1, {"w": jnp.ones(2), "names": np.array(["a", "bc"])}
+        ),
+        eqpar.CheckpointError,
+        r"\['names'\] is an array of dtype <U2 \(shape \(2,\)\).*numbers and bools",
+    ),
+    Row(
+        "checkpoint/numpy-object-array",
+        lambda: _saved(None).save(1, {"o": np.array([None, 1])}),
+        eqpar.CheckpointError,
+        r"\['o'\] is an array of dtype object",
+    ),
+    Row(
+        "checkpoint/save-onto-a-stray-folder",
+        _save_onto_stray_folder,
+        eqpar.CheckpointError,
+        r"step 5 cannot be saved.*/5 already exists and is not a checkpoint",
+    ),
+    Row(
+        "initialize/coordinator-address-int",
+        lambda: eqpar.initialize(coordinator_address=12345),
+        eqpar.MeshError,
+        r"`coordinator_address` must be a string 'host:port'.*12345 \(int\).*"
+        r"'127\.0\.0\.1:12345'",
+    ),
+    Row(
+        "initialize/num-processes-zero",
+        lambda: eqpar.initialize("127.0.0.1:1", 0, 0),
+        eqpar.MeshError,
+        r"`num_processes` must be an integer of at least 1.*got 0",
+    ),
+    Row(
+        "initialize/process-id-out-of-range",
+        lambda: eqpar.initialize("127.0.0.1:1", 2, 2),
+        eqpar.MeshError,
+        r"process_id=2 with num_processes=2 \(ids are 0 to 1\)",
+    ),
+    Row(
+        "initialize/local-device-count-zero",
+        lambda: eqpar.initialize(local_device_count=0),
+        eqpar.MeshError,
+        r"`local_device_count` must be an integer of at least 1",
+    ),
+    # ------------------------------------- unreplicate with a prefix of reductions
+    Row(
+        "placement/unreplicate-reduce-not-a-prefix",
+        lambda: eqpar.unreplicate(
+            eqpar.replicate(
+                {"a": jnp.ones(2), "b": jnp.ones(2)}, mesh=eqpar.data_mesh()
+            ),
+            {"a": "mean", "c": "first"},
+        ),
+        eqpar.SpecError,
+        r"neither a reduction.*nor a pytree prefix.*'stats': 'mean'",
+    ),
+    Row(
+        "placement/unreplicate-unknown-reduce-in-prefix",
+        lambda: eqpar.unreplicate(
+            eqpar.replicate(
+                {"a": jnp.ones(2), "b": jnp.ones(2)}, mesh=eqpar.data_mesh()
+            ),
+            {"a": "mean", "b": "median"},
+        ),
+        eqpar.SpecError,
+        r"reduce='median' at \['b'\]; use one of",
+    ),
 ]
 
 
@@ -860,3 +1035,93 @@ def test_optax_chain_unaffected():  # pmean_updates under a binding still works
     g = jnp.arange(4.0)
     upd = eqpar.filter_vmap(lambda g: opt.update(g, opt.init(g))[0], axis_name="i")(g)
     assert_tree_allclose(upd, -jnp.full(4, g.mean()))
+
+
+# --------------------------- checkpoints, the launcher: right answers (issue 26)
+
+
+def test_python_numbers_restore_as_saved_when_of_the_saved_kind():
+    ckpt = _saved({"lr": 0.5, "step": 7, "flag": True, "z": 1 + 2j, "f32": 0.25})
+    like = {"lr": 0.0, "step": 0, "flag": False, "z": 0j, "f32": 0.0}
+    got = ckpt.restore(like)
+    assert got == {"lr": 0.5, "step": 7, "flag": True, "z": 1 + 2j, "f32": 0.25}
+    assert [type(got[k]) for k in like] == [float, int, bool, complex, float]
+    # A float32 array scalar into a Python float: the same kind, held exactly.
+    f32 = _saved({"x": np.float32(0.1)}).restore({"x": 0.0})
+    assert f32["x"] == float(np.float32(0.1))
+
+
+def test_a_stray_step_folder_is_skipped_with_a_warning():
+    """An empty `5/` next to the checkpoint of step 1 is not reported, restored or
+    counted; the warning names it, once per manager."""
+    tree = {"w": jnp.arange(4.0), "n": 3}
+    ckpt = _saved(tree, step=1, stray=5)
+    with pytest.warns(eqpar.EqparWarning, match=r"/5 is named like the checkpoint"):
+        assert ckpt.latest_step() == 1
+    assert ckpt.all_steps() == [1]  # warned once already
+    assert_tree_allclose(ckpt.restore(tree), tree)
+    ckpt.save(2, {"w": jnp.ones(4), "n": 4})
+    assert ckpt.all_steps() == [1, 2]
+    fresh = eqpar.CheckpointManager(ckpt.directory)
+    _managers.append(fresh)
+    with pytest.warns(eqpar.EqparWarning, match="it is ignored. Remove it"):
+        assert fresh.latest_step() == 2
+    with pytest.raises(eqpar.CheckpointError, match="no checkpoint of step 5"):
+        fresh.restore(tree, step=5)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["-n", "2", "--local-devices", "0"], "--local-devices must be at least 1"),
+        (["-n", "2", "--local-devices", "-1"], "--local-devices must be at least 1"),
+        (["-n", "2", "--timeout", "-1"], "--timeout must be a positive number"),
+        (["-n", "2", "--timeout", "nan"], "--timeout must be a positive number"),
+        (["-n", "0"], "-n must be at least 1"),
+    ],
+)
+def test_launcher_options_out_of_range_are_argparse_errors(args, match, capsys):
+    from eqpar import launch
+
+    with pytest.raises(SystemExit) as info:
+        launch.main([*args, __file__])
+    assert info.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.programs
+@pytest.mark.parametrize("imports_jax", [True, False])
+def test_a_script_that_never_joins_fails_the_launch(tmp_path, imports_jax):
+    """Under `python -m eqpar.launch -n 2`, a script that never calls
+    `eqpar.initialize()` is not two independent runs that exit 0: the run fails,
+    saying what to call. With `-n 1` the same script is a whole run."""
+    from .test_launch import left_running, PROMPT, ROOT
+
+    script = tmp_path / "alone.py"
+    body = "import jax\nprint('sum', int(jax.numpy.arange(4).sum()))\n"
+    script.write_text(body if imports_jax else "print('sum', 6)\n")
+    pids: set[int] = set()
+    try:
+        for n, status in (("2", 1), ("1", 0)):
+            cmd = [sys.executable, "-m", "eqpar.launch", "-n", n, "--local-devices"]
+            run = subprocess.run(
+                [*cmd, "2", "--grace", "1", str(script)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=PROMPT,
+            )
+            out = run.stdout + run.stderr
+            pids |= {int(p) for p in re.findall(r"process \d+: pid (\d+)", out)}
+            assert run.returncode == status, out[-3000:]
+            assert "sum 6" in out
+            if n == "2":
+                assert re.search(
+                    r"run failed with status 1: process \d exited with status 1 after "
+                    r"eqpar\.launch: process \d of 2 ran to the end without joining "
+                    r"JAX's multi-process runtime: call `eqpar\.initialize\(\)`",
+                    out,
+                ), out[-3000:]
+    finally:
+        left = left_running(pids, wait=5.0)
+    assert not left

@@ -13,6 +13,7 @@ import pathlib
 import re
 import textwrap
 
+import jax
 import pytest
 
 import eqpar
@@ -26,7 +27,12 @@ FENCE = re.compile(
 
 
 def blocks(text: str) -> list[str]:
-    return [textwrap.dedent(m.group("body")) for m in FENCE.finditer(text)]
+    """Each block's code, preceded by blank lines so that a traceback gives the
+    line in the page (or docstring) it came from."""
+    return [
+        "\n" * text.count("\n", 0, m.start("body")) + textwrap.dedent(m.group("body"))
+        for m in FENCE.finditer(text)
+    ]
 
 
 API = DOCS / "api"
@@ -44,12 +50,18 @@ PUBLIC = sorted(
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
 def test_page_code_runs(page, tmp_path, monkeypatch):
+    """A page is user code: it runs under JAX's own defaults (standard dtype
+    promotion, rank promotion allowed), not the strict settings of tests/conftest.py,
+    so that it needs nothing a reader would not write. (Its first block may set the
+    device count, `jax.config.update("jax_num_cpu_devices", 8)`: the 8 devices the
+    tests already have, which JAX accepts again.)"""
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     codes = blocks(page.read_text())
     assert codes, f"{page.relative_to(DOCS)} has no ```python example"
-    for code in codes:
-        exec(compile(code, str(page), "exec"), namespace)
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        for code in codes:
+            exec(compile(code, str(page), "exec"), namespace)
 
 
 @pytest.mark.parametrize("name", PUBLIC)

@@ -37,6 +37,53 @@ def test_objax_output_reductions(linear, getkey):
     )
 
 
+@pytest.mark.parametrize("check_vma", [False, True])
+def test_a_reduction_per_output(linear, getkey, check_vma):
+    """`reduce` as a pytree prefix of the outputs (Objax's per-variable reduce on
+    the way out): per-example predictions concatenated, the loss averaged, the
+    BatchNorm-like statistics of each device stacked, a step counter from device
+    0, in one call; equal to one device."""
+    x = jax.random.normal(getkey(), (32, 3))
+
+    def step(model, x, count):
+        y = jax.vmap(model)(x)
+        return {
+            "pred": y,
+            "loss": jnp.mean(y**2),
+            "stats": (y.mean(0), y.var(0)),
+            "count": count + 1,
+        }
+
+    reduce = {"pred": "concat", "loss": "mean", "stats": None, "count": "first"}
+    run = eqpar.Parallel(
+        step, reduce=reduce, in_axes=(None, 0, None), check_vma=check_vma
+    )
+    got = run(linear, x, jnp.int32(4))
+    y = jax.vmap(linear)(x)
+    blocks = y.reshape(8, 4, 4)
+    want = {
+        "pred": y,
+        "loss": jnp.mean(y**2),
+        "stats": (blocks.mean(1), blocks.var(1)),
+        "count": jnp.int32(5),
+    }
+    assert_tree_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert got["count"].dtype == jnp.int32
+    # A padded batch is refused as soon as one output is not concatenated.
+    with pytest.raises(eqpar.AxisSizeError, match="13 examples"):
+        run(linear, x[:13], jnp.int32(4))
+    only_concat = eqpar.Parallel(
+        lambda x: {"a": x, "b": 2 * x}, reduce={"a": "concat", "b": "concat"}
+    )
+    assert_tree_allclose(only_concat(x[:13]), {"a": x[:13], "b": 2 * x[:13]})
+    with pytest.raises(eqpar.SpecError, match=r"reduce='median' at \['loss'\]"):
+        eqpar.Parallel(step, reduce={"loss": "median"})
+    with pytest.raises(eqpar.SpecError, match="nor a pytree prefix"):
+        eqpar.Parallel(step, reduce={"loss": "mean"}, in_axes=(None, 0, None))(
+            linear, x, jnp.int32(4)
+        )
+
+
 @given(n=st.integers(1, 40))
 def test_concat_pads_and_trims_any_batch_size(n):
     x = jnp.arange(n * 3.0).reshape(n, 3)

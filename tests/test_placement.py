@@ -1,3 +1,4 @@
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +80,66 @@ def test_unreplicate_per_device_outputs_with_mixed_reductions():
     assert eqpar.unreplicate(stacked)["v"] == 0.0
     out = eqpar.unreplicate(stacked, "mean")
     assert out["name"] == "n" and out["v"] == 7.0
+
+
+def test_unreplicate_per_variable_reductions_objax_example():
+    """Objax's per-variable `reduce` (TrainVar(..., reduce=...)), in one call: three
+    copies of `arange(5)` replicated on 8 devices, reduced by device 0's value, a
+    sum and a stack."""
+    m = eqpar.replicate([jnp.arange(5)] * 3, mesh=eqpar.data_mesh())
+    out = eqpar.unreplicate(
+        m, reduce=[lambda x: x[0], lambda x: x.sum(0), lambda x: jnp.stack(x)]
+    )
+    np.testing.assert_array_equal(out[0], np.arange(5))
+    np.testing.assert_array_equal(out[1], [0, 8, 16, 24, 32])
+    np.testing.assert_array_equal(out[2], np.tile(np.arange(5), (8, 1)))
+    assert [x.dtype for x in out] == [jnp.int32] * 3
+    # The same with names.
+    named = eqpar.unreplicate(m, reduce=["first", "sum", "stack"])
+    assert_tree_allclose(named, out)
+
+
+class _BatchNormState(eqx.Module):
+    model: eqx.nn.Linear
+    mean: jax.Array
+    var: jax.Array
+    step: jax.Array
+
+
+def test_unreplicate_batchnorm_statistics_averaged_step_from_device_0(getkey):
+    """Each device computes BatchNorm statistics over its part of the batch and
+    counts the step; one `unreplicate` call averages the statistics, takes the
+    counter (and the replicated model) from device 0, keeping its dtype. Equal to
+    the statistics of the whole batch on one device."""
+    model = eqx.nn.Linear(3, 4, key=getkey())
+    x = jax.random.normal(getkey(), (8 * 6, 3))
+    state = _BatchNormState(model, jnp.zeros(4), jnp.ones(4), jnp.int32(41))
+
+    def per_device(state, xb):
+        h = jax.vmap(state.model)(xb)
+        return eqx.tree_at(
+            lambda s: (s.mean, s.var, s.step),
+            state,
+            (h.mean(0), (h**2).mean(0), state.step + 1),
+        )
+
+    out = eqpar.filter_pmap(per_device, in_axes=(None, 0), out_axes=eqx.if_array(0))(
+        state, x.reshape(8, 6, 3)
+    )
+    assert out.mean.shape == (8, 4) and out.step.shape == (8,)
+    # A prefix shaped like the state (a Module is a prefix, even a callable one).
+    reduce = _BatchNormState(model="first", mean="mean", var="mean", step="first")
+    got = eqpar.unreplicate(out, reduce=reduce)
+    h = jax.vmap(model)(x)
+    want = _BatchNormState(model, h.mean(0), (h**2).mean(0), jnp.int32(42))
+    assert_tree_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert got.step.dtype == jnp.int32 and got.step.shape == ()
+    # The same as a partial prefix: a whole subtree under one reduction.
+    parts = eqpar.unreplicate(
+        {"stats": (out.mean, out.var), "step": out.step},
+        reduce={"stats": "mean", "step": "first"},
+    )
+    assert_tree_allclose(parts, {"stats": (want.mean, want.var), "step": want.step})
 
 
 @given(n=st.integers(1, 20), multiple=st.sampled_from([1, 2, 3, 8]))

@@ -110,6 +110,27 @@ def image(
     return eqpar.sensor_sum(blurred, axis=0, axis_name=axis_name)
 
 
+def fine_psf(
+    scope: Microscope, zs: Float[Array, " p"], factor: int
+) -> Float[Array, "p H W"]:
+    """The PSF at depths `zs` sampled `factor` times more finely across (pixels of
+    `scope.spacing / factor`, over the same field), for drawing: the computed PSF's
+    in-focus core is about one pixel wide. The pupil is zero-padded, not the PSF
+    interpolated (the intensity's band, 2 NA / λ, is wider than the grid's Nyquist
+    rate), so it is exact whenever the pupil grid holds the whole NA disc, as the
+    guide's optics do (NA / λ = 1.5 / µm below 1 / (2 x 0.3 µm))."""
+    n = scope.size
+    before = (n * factor) // 2 - n // 2
+    pad = ((before, n * factor - n - before),) * 2
+
+    def one(z: Float[Array, ""]) -> Float[Array, "H W"]:
+        pupil = jnp.pad(jnp.fft.fftshift(scope.pupil(z)), pad)
+        field = jnp.fft.fftshift(jnp.fft.ifft2(jnp.fft.ifftshift(pupil)))
+        return jnp.abs(field) ** 2 * factor**4 / n**2  # as `Microscope.psf` scales
+
+    return jax.lax.map(one, zs)
+
+
 def psf_programs(mesh: Any) -> tuple[Callable, Callable]:
     """`(single, sharded)`: the PSF over depths `z` on one device, and with the
     depths split over `mesh`'s `"planes"` axis. Both take `(scope, z)`."""

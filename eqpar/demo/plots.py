@@ -25,25 +25,31 @@ def pyplot() -> Any:
 def draw_psf(focus: Any, section: Any, psf: Any, zs: Any, spacing: float) -> None:
     """Draws the PSF in focus, zoomed on its centre (pixel centres at multiples of
     `spacing`), on the axes `focus`, and along z through its centre (the light cone
-    around the focus) on `section`; log scale, three decades below the peak."""
+    around the focus) on `section`; log scale, three decades below the peak, each
+    with a colourbar. Pass a PSF sampled finely enough to show its core (e.g.
+    `optics.fine_psf`): the in-focus core is about λ / (2 NA) wide."""
     from matplotlib.colors import LogNorm
 
+    psf = np.asarray(psf, np.float64)
+    psf = np.clip(psf / psf.max(), 1e-3, None)  # below the scale: its darkest colour
     size = psf.shape[-1]
     c = size // 2
-    log = LogNorm(vmin=1e-3 * float(psf.max()), vmax=float(psf.max()), clip=True)
+    log = LogNorm(vmin=1e-3, vmax=1.0)
+    label = "intensity / peak (log)"
     r = max(size // 16, 4)
     mid = len(zs) // 2
     lo, hi = -(r + 0.5) * spacing, (r - 0.5) * spacing
-    focus.imshow(
+    shown = focus.imshow(
         psf[mid, c - r : c + r, c - r : c + r],
         cmap="magma",
         norm=log,
         extent=(lo, hi, hi, lo),
     )
     focus.set_title(f"PSF at z = {zs[mid]:.2f} µm (log)")
+    focus.figure.colorbar(shown, ax=focus, fraction=0.046, pad=0.04, label=label)
     r = max(size // 8, 4)
     lo, hi = -(r + 0.5) * spacing, (r - 0.5) * spacing
-    section.imshow(
+    shown = section.imshow(
         psf[:, c, c - r : c + r],
         cmap="magma",
         norm=log,
@@ -53,6 +59,7 @@ def draw_psf(focus: Any, section: Any, psf: Any, zs: Any, spacing: float) -> Non
     )
     section.set_title("PSF x-z section (log)")
     section.set_ylabel("depth z (µm)")
+    section.figure.colorbar(shown, ax=section, fraction=0.046, pad=0.04, label=label)
 
 
 def draw_image(ax: Any, img: Any, beads: Any, zs: Any, spacing: float) -> None:
@@ -90,9 +97,11 @@ def microscope_png(
     spacing: float,
     n: int,
     diff: float,
+    psf_spacing: float | None = None,
 ) -> pathlib.Path | None:
     """`out_dir/microscope.png`: the object, the PSF in focus and along z (zoomed on
-    the focus), and the image on the sensor."""
+    the focus), and the image on the sensor. `psf_spacing`: the PSF's pixel size,
+    when it is sampled more finely than the image (default: `spacing`)."""
     plt = pyplot()
     if plt is None:
         return None
@@ -114,7 +123,7 @@ def microscope_png(
     ax.set(xlim=(0, field), ylim=(field, 0), aspect="equal")
     ax.set_title(f"object: {len(beads)} point beads")
     fig.colorbar(dots, ax=ax, fraction=0.046, pad=0.04, label="depth z (µm)")
-    draw_psf(axes[1], axes[2], psf, zs, spacing)
+    draw_psf(axes[1], axes[2], psf, zs, spacing if psf_spacing is None else psf_spacing)
     draw_image(axes[3], img, beads, zs, spacing)
     axes[3].set_title(
         f"image on {n} devices (sensor_sum)\nrel. diff vs 1 device {diff:.1e}"
