@@ -42,18 +42,26 @@ AxisNames = Hashable | tuple[Hashable, ...]
 # Running a function on device blocks with the typing set aside
 
 
-def _untyped(fun: Callable[..., Sequence[Any]], arrays: Sequence[Any]) -> list[Any]:
+def _untyped(
+    fun: Callable[..., Sequence[Any]],
+    arrays: Sequence[Any],
+    name: Callable[[int], str],
+) -> list[Any]:
     """`fun(*arrays)` on each device's blocks, traced without replication typing.
 
     The outputs come back typed as the same on every device (invariant): the caller
     gives them their real type. Each input enters as `unreduced` over the axes it
     varies over, a cast with no data movement that takes those axes out of its
     `varying` set, so that inside, where nothing is typed, every value agrees.
+    `name(i)` names input `i` for errors.
     """
     entering = []
-    for x in arrays:
+    for i, x in enumerate(arrays):
         axes = _ordered(varying_axes(x))
-        entering.append(jax.lax.pcast(x, axes, to="unreduced") if axes else x)
+        try:
+            entering.append(jax.lax.pcast(x, axes, to="unreduced") if axes else x)
+        except NotImplementedError:  # no batching rule for the cast (JAX 0.10)
+            raise _batched_error(name(i), axes) from None
     region = jax.shard_map(
         lambda *blocks: list(fun(*blocks)),
         mesh=jax.sharding.get_abstract_mesh(),
@@ -112,13 +120,7 @@ class _Kernel:
                 static_out.append((out_tree, out_signature))
             return out_arrays
 
-        try:
-            outs = _differentiated(flat, arrays, out_axes)
-        except NotImplementedError:
-            varying = [i for i, x in enumerate(arrays) if varying_axes(x)]
-            if not varying:
-                raise
-            raise _batched_error(names()[varying[0]], arrays[varying[0]]) from None
+        outs = _differentiated(flat, arrays, out_axes, lambda i: names()[i])
         out_tree, out_signature = static_out[0]
         return out_tree.unflatten(merge_leaves(out_signature, outs))
 
@@ -165,13 +167,13 @@ class _Kernel:
         return _ordered(frozenset(self.varying) | inputs)
 
 
-def _batched_error(name: str, x: Any) -> ReplicationError:
+def _batched_error(name: str, axes: tuple[Hashable, ...]) -> ReplicationError:
     return ReplicationError(
         f"eqpar.kernel is being batched (by `eqpar.filter_vmap` or `jax.vmap`) "
         f"inside a `filter_shard_map` with replication checking on, and JAX "
         f"{jax.__version__} cannot batch the cast that sets the typing aside for "
-        f"its input {name} (varying over mesh axes "
-        f"{sorted(varying_axes(x), key=str)}). Put the map inside the kernel: "
+        f"its input {name} (varying over mesh axes {list(axes)}). Put the map "
+        "inside the kernel: "
         "`eqpar.kernel(jax.vmap(fn, in_axes=...))` (a Pallas kernel can also take "
         "the batch as a grid axis), or pass `check_vma=False` to the enclosing "
         "`filter_shard_map`."
@@ -182,15 +184,16 @@ def _differentiated(
     flat: Callable[..., list[Any]],
     arrays: Sequence[Any],
     out_axes: tuple[Hashable, ...],
+    name: Callable[[int], str],
 ) -> list[Any]:
     """`flat(*arrays)` on each device, outputs typed as varying over `out_axes`;
     its gradient is `flat`'s own VJP, each input's summed over the axes of
-    `out_axes` that the input is the same along."""
+    `out_axes` that the input is the same along. `name(i)` names input `i`."""
     in_axes = [_ordered(varying_axes(x)) for x in arrays]
     wrt = [i for i, x in enumerate(arrays) if _differentiable(x)]
 
     def forward(*arrays: Any) -> list[Any]:
-        return [_typed_as(y, out_axes) for y in _untyped(flat, arrays)]
+        return [_typed_as(y, out_axes) for y in _untyped(flat, arrays, name)]
 
     @jax.custom_vjp
     def run(*arrays: Any) -> list[Any]:
@@ -200,18 +203,24 @@ def _differentiated(
         return forward(*arrays), arrays
 
     def run_bwd(saved: tuple[Any, ...], cts: list[Any]) -> tuple[Any, ...]:
+        n = len(saved)
+
         def vjp(*values: Any) -> list[Any]:
-            inputs, cts = list(values[: len(saved)]), values[len(saved) :]
+            inputs, cts = values[:n], values[n:]
 
             def of(*diff: Any) -> list[Any]:
+                full = list(inputs)
                 for i, d in zip(wrt, diff):
-                    inputs[i] = d
-                return flat(*inputs)
+                    full[i] = d
+                return flat(*full)
 
             _, pullback = jax.vjp(of, *(inputs[i] for i in wrt))
             return list(pullback(list(cts)))
 
-        grads = _untyped(vjp, (*saved, *cts))
+        def named(i: int) -> str:
+            return name(i) if i < n else f"the cotangent of output {i - n}"
+
+        grads = _untyped(vjp, (*saved, *cts), named)
         out: list[Any] = [None] * len(saved)
         for i, g in zip(wrt, grads):
             g = _typed_as(g, out_axes)
