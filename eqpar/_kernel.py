@@ -14,11 +14,13 @@ device's blocks with the typing set aside (a nested `jax.shard_map` with
 `check_vma=False` over no new axes, entered by `jax.lax.pcast(..., to="unreduced")`,
 a cast that moves no data), then types every output as varying over the union of the
 axes its array inputs vary over. Its gradient is a `jax.custom_vjp`: the function's
-own VJP (a `custom_vjp`'s backward rule, or autodiff), run the same way on each
-device, then, for an input that is the same along some of those axes (a replicated
-weight), one `psum` over exactly those axes: each replicated input's gradient is
-summed over the devices once, and an input that varies over every axis of the union
-gets no collective at all (JAX #21855's extra all-reduce does not arise).
+own VJP (a `custom_vjp`'s backward rule, or autodiff), linearised in the forward pass
+and pulled back in the backward pass the same way on each device (its residuals
+saved, nothing recomputed), then, for an input that is the same along some of those
+axes (a replicated weight), one `psum` over exactly those axes: each replicated
+input's gradient is summed over the devices once, and an input that varies over
+every axis of the union gets no collective at all (JAX #21855's extra all-reduce does
+not arise).
 """
 
 from collections.abc import Callable, Hashable, Sequence
@@ -186,42 +188,56 @@ def _differentiated(
     out_axes: tuple[Hashable, ...],
     name: Callable[[int], str],
 ) -> list[Any]:
-    """`flat(*arrays)` on each device, outputs typed as varying over `out_axes`;
-    its gradient is `flat`'s own VJP, each input's summed over the axes of
-    `out_axes` that the input is the same along. `name(i)` names input `i`."""
+    """`flat(*arrays)` on each device, outputs typed as varying over `out_axes`.
+
+    Its gradient is `flat`'s own VJP (linearised once, in the forward pass, on each
+    device: its residuals are saved, nothing is recomputed), each input's gradient
+    summed over the axes of `out_axes` that the input is the same along. `name(i)`
+    names input `i` for errors.
+    """
     in_axes = [_ordered(varying_axes(x)) for x in arrays]
     wrt = [i for i, x in enumerate(arrays) if _differentiable(x)]
-
-    def forward(*arrays: Any) -> list[Any]:
-        return [_typed_as(y, out_axes) for y in _untyped(flat, arrays, name)]
+    pullback_tree: list[Any] = []  # the pullback's structure, from the fwd trace
 
     @jax.custom_vjp
     def run(*arrays: Any) -> list[Any]:
-        return forward(*arrays)
+        return [_typed_as(y, out_axes) for y in _untyped(flat, arrays, name)]
 
-    def run_fwd(*arrays: Any) -> tuple[list[Any], tuple[Any, ...]]:
-        return forward(*arrays), arrays
-
-    def run_bwd(saved: tuple[Any, ...], cts: list[Any]) -> tuple[Any, ...]:
-        n = len(saved)
-
-        def vjp(*values: Any) -> list[Any]:
-            inputs, cts = values[:n], values[n:]
-
+    def run_fwd(*arrays: Any) -> tuple[list[Any], list[Any]]:
+        def linearised(*inputs: Any) -> list[Any]:
             def of(*diff: Any) -> list[Any]:
                 full = list(inputs)
                 for i, d in zip(wrt, diff):
                     full[i] = d
                 return flat(*full)
 
-            _, pullback = jax.vjp(of, *(inputs[i] for i in wrt))
-            return list(pullback(list(cts)))
+            out, pullback = jax.vjp(of, *(inputs[i] for i in wrt))
+            residuals, tree = jtu.tree_flatten(pullback)
+            pullback_tree[:] = [(tree, len(out))]
+            return [*out, *residuals]
+
+        both = _untyped(linearised, arrays, name)
+        n_out = pullback_tree[0][1]
+        # Residuals are per device like the outputs: typed so, they stay per device
+        # when they cross a map's boundary (a gradient taken outside the map).
+        both = [_typed_as(y, out_axes) for y in both]
+        return both[:n_out], both[n_out:]
+
+    def run_bwd(residuals: list[Any], cts: list[Any]) -> tuple[Any, ...]:
+        tree, n_out = pullback_tree[0]
+        n_res = len(residuals)
+
+        def pull(*values: Any) -> list[Any]:
+            pullback = jtu.tree_unflatten(tree, values[:n_res])
+            return list(pullback(list(values[n_res:])))
 
         def named(i: int) -> str:
-            return name(i) if i < n else f"the cotangent of output {i - n}"
+            if i < n_res:
+                return "a value the kernel saved for its gradient"
+            return f"the cotangent of output {i - n_res}"
 
-        grads = _untyped(vjp, (*saved, *cts), named)
-        out: list[Any] = [None] * len(saved)
+        grads = _untyped(pull, (*residuals, *cts), named)
+        out: list[Any] = [None] * len(arrays)
         for i, g in zip(wrt, grads):
             g = _typed_as(g, out_axes)
             summed = tuple(a for a in out_axes if a not in in_axes[i])

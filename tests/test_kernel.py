@@ -528,3 +528,43 @@ def test_partially_manual_mesh(getkey):
     )
     expected = jax.grad(lambda x, w: jnp.sum((x @ w) ** 2), (0, 1))(x, w)
     assert_tree_allclose(program(x, w), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel_name", ["pallas-matmul", "custom-vjp"])
+def test_gradient_taken_outside_the_map(kernel_name, getkey):
+    """`jax.grad` of a `filter_shard_map` program: the kernel's residuals cross the
+    map's boundary per device (none is taken for replicated)."""
+    kern, ref, w_shape = KERNELS[kernel_name]
+    mesh = _mesh("1d", EXPLICIT)
+    x, w = _data(getkey(), 16, 3, w_shape(3, 2))
+    f = eqpar.filter_shard_map(
+        eqpar.kernel(kern), mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data")
+    )
+    grads = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))(x, w)
+    expected = jax.grad(lambda x, w: jnp.sum(jnp.sin(ref(x, w))), (0, 1))(x, w)
+    assert_tree_allclose(grads, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_reuses_the_forward_pass(getkey):
+    """The kernel's forward rule runs once per gradient (its residuals are saved,
+    not recomputed): one trace, and in the compiled program one interpreter loop
+    for the forward matmul and one for each backward matmul."""
+    fwd_traces = []
+
+    @jax.custom_vjp
+    def counted(x, w):
+        return _pallas_matmul_raw(x, w)
+
+    def counted_fwd(x, w):
+        fwd_traces.append(None)
+        return _pallas_matmul_raw(x, w), (x, w)
+
+    counted.defvjp(counted_fwd, _matmul_bwd)
+    mesh = _mesh("1d", EXPLICIT)
+    x, w = _data(getkey(), 16, 3, (3, 2))
+    program = _grads_program(counted, mesh, "data")
+    hlo = program.lower(x, w).compile().as_text()
+    assert len(fwd_traces) == 1
+    assert len(re.findall(r" while\(", hlo)) == 3
+    expected = jax.grad(lambda x, w: jnp.sum((x @ w) ** 2), (0, 1))(x, w)
+    assert_tree_allclose(program(x, w), expected, rtol=1e-4, atol=1e-4)
