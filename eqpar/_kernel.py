@@ -23,6 +23,7 @@ every axis of the union gets no collective at all (JAX #21855's extra all-reduce
 not arise).
 """
 
+import types
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, overload
 
@@ -91,6 +92,49 @@ def _differentiable(x: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------
+# A plain function's closed-over arrays are inputs too
+
+
+def _closed_over(fun: Any) -> list[Any] | None:
+    """The values a plain function closes over, if any of them holds an array
+    (`lambda x: pallas(x, w)`): the kernel takes them as inputs, so that they get a
+    type and a gradient like its arguments. `None` otherwise."""
+    if type(fun) is not types.FunctionType or not fun.__closure__:
+        return None
+    try:
+        contents = [cell.cell_contents for cell in fun.__closure__]
+    except ValueError:  # a cell not yet filled
+        return None
+    if not any(is_array(leaf) for leaf in jtu.tree_leaves(contents)):
+        return None
+    return contents
+
+
+def _with_cells(fun: types.FunctionType, contents: list[Any]) -> types.FunctionType:
+    """`fun` closing over `contents` instead."""
+    rebuilt = types.FunctionType(
+        fun.__code__,
+        fun.__globals__,
+        fun.__name__,
+        fun.__defaults__,
+        tuple(types.CellType(c) for c in contents),
+    )
+    rebuilt.__kwdefaults__ = fun.__kwdefaults__
+    return rebuilt
+
+
+def _cell_names(fun: Any, cells: list[Any] | None) -> list[str]:
+    if cells is None:
+        return []
+    names = []
+    for var, value in zip(fun.__code__.co_freevars, cells):
+        for path, _ in jtu.tree_flatten_with_path(value)[0]:
+            where = jtu.keystr(path) or "(root)"
+            names.append(f"`{var}` (closed over by the function) at {where}")
+    return names
+
+
+# ----------------------------------------------------------------------------------
 # The call
 
 
@@ -104,18 +148,23 @@ class _Kernel:
         manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
         if not typed(manual):  # outside shard_map, or check_vma=False: as it is
             return fun(*args, **kwargs)
-        leaves, treedef = jtu.tree_flatten((fun, args, kwargs))
+        cells = _closed_over(fun)
+        leaves, treedef = jtu.tree_flatten((cells, fun, args, kwargs))
         arrays, signature = split_leaves(leaves)
         names = lambda: [  # noqa: E731
             n
-            for n, leaf in zip(leaf_names(fun, args, kwargs), leaves)
+            for n, leaf in zip(
+                _cell_names(fun, cells) + leaf_names(fun, args, kwargs), leaves
+            )
             if is_array(leaf)
         ]
         out_axes = self._out_axes(arrays, manual, names)
         static_out: list[Any] = []
 
         def flat(*blocks: Any) -> list[Any]:
-            f, a, k = treedef.unflatten(merge_leaves(signature, blocks))
+            c, f, a, k = treedef.unflatten(merge_leaves(signature, blocks))
+            if c is not None:
+                f = _with_cells(f, c)
             out_leaves, out_tree = jtu.tree_flatten(f(*a, **k))
             out_arrays, out_signature = split_leaves(out_leaves)
             if not static_out:
@@ -295,9 +344,12 @@ def kernel(
 
     - `fun`: the kernel: a function (or callable Module) of pytrees whose array
         leaves are its inputs, e.g. one that calls `pl.pallas_call(...)`, or a
-        `jax.custom_vjp` function. It must compute each device's outputs from that
-        device's inputs only: no collectives, and no `jax.lax.axis_index` unless
-        `varying` says so.
+        `jax.custom_vjp` function. The arrays a plain function closes over
+        (`lambda x: kern(x, w)`) are inputs too, and so are a Module's own arrays;
+        an array reached only through another function's closure is not: pass it
+        as an argument. It must compute each device's outputs from that device's
+        inputs only: no collectives, and no `jax.lax.axis_index` unless `varying`
+        says so.
     - `varying`: the mesh axes the outputs vary over, if not only those of the
         inputs (a name or a tuple of names): for a kernel whose outputs differ
         between devices where its inputs do not (it reads `jax.lax.axis_index`).

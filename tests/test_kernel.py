@@ -568,3 +568,38 @@ def test_gradient_reuses_the_forward_pass(getkey):
     assert len(re.findall(r" while\(", hlo)) == 3
     expected = jax.grad(lambda x, w: jnp.sum((x @ w) ** 2), (0, 1))(x, w)
     assert_tree_allclose(program(x, w), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_closed_over_arrays_are_inputs(getkey):
+    """`eqpar.kernel(lambda x: kern(x, w))`: the closed-over weight is typed and
+    differentiated like an argument (one all-reduce), a closed-over sharded array
+    mixes with a replicated argument, and errors name the closed-over variable."""
+    mesh = _mesh("2d", EXPLICIT)
+    x, w = _data(getkey(), 16, 3, (3, 4))
+
+    def loss(w, x):
+        return jnp.sum(eqpar.kernel(lambda x: pallas_matmul(x, w))(x) ** 2)
+
+    program = eqpar.filter_shard_map(
+        jax.grad(loss), mesh=mesh, in_specs=(P(), P("data")), out_specs=P()
+    )
+    expected = jax.grad(lambda w: jnp.sum((x @ w) ** 2))(w)
+    assert_tree_allclose(program(w, x), expected, rtol=1e-4, atol=1e-4)
+    assert _all_reduces(program.lower(w, x).compile().as_text()) == 1
+
+    mixed = eqpar.filter_shard_map(
+        lambda w, x: eqpar.kernel(lambda w: pallas_matmul(x, w))(w),
+        mesh=mesh,
+        in_specs=(P(), P("data")),
+        out_specs=P("data"),
+    )
+    assert_tree_allclose(mixed(w, x), x @ w, atol=1e-5)
+
+    declared = eqpar.filter_shard_map(
+        lambda w, x: eqpar.kernel(lambda x: pallas_matmul(x, w), varying="data")(x),
+        mesh=mesh,
+        in_specs=(P(None, "model"), P("data")),
+        out_specs=P("data", "model"),
+    )
+    with pytest.raises(eqpar.ReplicationError, match=r"`w` \(closed over.*'model'"):
+        declared(w, x)
