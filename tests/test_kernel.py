@@ -7,7 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from jax.experimental import pallas as pl
 from jax.sharding import AxisType, PartitionSpec as P
 
@@ -334,6 +334,7 @@ def test_gradient_of_each_replicated_input_summed_once(getkey):
     )
 
 
+@settings(max_examples=4)  # each example compiles a forward and a gradient program
 @given(
     rows=st.integers(1, 3),
     k=st.integers(1, 4),
