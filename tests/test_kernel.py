@@ -604,3 +604,33 @@ def test_closed_over_arrays_are_inputs(getkey):
     )
     with pytest.raises(eqpar.ReplicationError, match=r"`w` \(closed over.*'model'"):
         declared(w, x)
+
+
+def test_no_extra_all_reduce_jax_21855(getkey):
+    """On a 2x4 mesh with x sharded over `data` (replicated over `model`) and w
+    replicated: casting every input to vary over every axis by hand (what JAX's
+    error suggests) all-reduces x's gradient too and counts the loss once per
+    `model` device; the kernel's typing all-reduces w's only, and is exact."""
+    mesh = _mesh("2d", EXPLICIT)
+    x, w = _data(getkey(), 16, 3, (3, 2))
+    expected = jax.grad(lambda x, w: jnp.sum(_softplus_ref(x, w) ** 2), (0, 1))(x, w)
+
+    def by_hand(x, w):
+        def loss(x, w):
+            x = jax.lax.pcast(x, "model", to="varying")
+            w = jax.lax.pcast(w, ("data", "model"), to="varying")
+            return jnp.sum(softplus_linear(x, w) ** 2)
+
+        return jax.grad(loss, (0, 1))(x, w)
+
+    hand = eqpar.filter_shard_map(
+        by_hand, mesh=mesh, in_specs=(P("data"), P()), out_specs=(P("data"), P())
+    )
+    assert _all_reduces(hand.lower(x, w).compile().as_text()) == 2
+    assert_tree_allclose(
+        hand(x, w), jax.tree.map(lambda g: 4 * g, expected), rtol=1e-4, atol=1e-4
+    )
+
+    typed = _grads_program(softplus_linear, mesh, "data")
+    assert _all_reduces(typed.lower(x, w).compile().as_text()) == 1
+    assert_tree_allclose(typed(x, w), expected, rtol=1e-4, atol=1e-4)
