@@ -340,16 +340,22 @@ def test_gradient_of_each_replicated_input_summed_once(getkey):
     k=st.integers(1, 4),
     n=st.integers(1, 3),
     kernel_name=st.sampled_from(list(KERNELS)),
+    mesh_name=st.sampled_from(list(MESHES)),
+    axis_type=st.sampled_from([AUTO, EXPLICIT]),
 )
-def test_shapes_hypothesis(rows, k, n, kernel_name):
+def test_shapes_hypothesis(rows, k, n, kernel_name, mesh_name, axis_type):
     kern, ref, w_shape = KERNELS[kernel_name]
-    mesh = _mesh("1d", EXPLICIT)
+    mesh = _mesh(mesh_name, axis_type)
+    rows_spec = MESHES[mesh_name][2]
     x, w = _data(jax.random.key(rows * 100 + k * 10 + n), 8 * rows, k, w_shape(k, n))
     out = eqpar.filter_shard_map(
-        eqpar.kernel(kern), mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data")
+        eqpar.kernel(kern),
+        mesh=mesh,
+        in_specs=(P(rows_spec), P()),
+        out_specs=P(rows_spec),
     )(x, w)
     assert_tree_allclose(out, ref(x, w), rtol=1e-5, atol=1e-5)
-    grads = _grads_program(kern, mesh, "data")(x, w)
+    grads = _grads_program(kern, mesh, rows_spec)(x, w)
     expected = jax.grad(lambda x, w: jnp.sum(ref(x, w) ** 2), (0, 1))(x, w)
     assert_tree_allclose(grads, expected, rtol=1e-4, atol=1e-4)
 
@@ -634,3 +640,16 @@ def test_no_extra_all_reduce_jax_21855(getkey):
     typed = _grads_program(softplus_linear, mesh, "data")
     assert _all_reduces(typed.lower(x, w).compile().as_text()) == 1
     assert_tree_allclose(typed(x, w), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_parallel_with_typing_and_pmap(getkey):
+    """`Parallel(check_vma=True)` types like `filter_shard_map`; `filter_pmap` does
+    not type, and the kernel is called as it is."""
+    x, w = _data(getkey(), 16, 3, (3, 2))
+    par = eqpar.Parallel(lambda x: eqpar.kernel(pallas_matmul)(x, w), check_vma=True)
+    assert_tree_allclose(par(x), x @ w, atol=1e-5)
+    pmapped = eqpar.filter_pmap(
+        eqpar.kernel(pallas_matmul), in_axes=(0, None), axis_name="i"
+    )
+    out = pmapped(x.reshape(8, 2, 3), w)
+    assert_tree_allclose(out.reshape(16, 2), x @ w, atol=1e-5)
