@@ -38,6 +38,7 @@ from ._grad import (
     grad_mean as grad_mean,
 )
 from ._jit import filter_jit as filter_jit
+from ._kernel import kernel as kernel
 from ._keys import split_key as split_key
 from ._model_sharding import partition_specs as partition_specs
 from ._optax import pmean_updates as pmean_updates

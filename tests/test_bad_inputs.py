@@ -164,6 +164,30 @@ def _save_onto_stray_folder():
     ckpt.save(5, {"w": jnp.ones(2)})
 
 
+def _kernel_matmul(varying=None):
+    """`eqpar.kernel` of a matmul on a 2x4 mesh: x's rows over `data`, w's columns
+    over `model`."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    x, w = jnp.arange(8.0).reshape(4, 2), jnp.arange(8.0).reshape(2, 4)
+    return eqpar.filter_shard_map(
+        eqpar.kernel(jnp.matmul, varying=varying),
+        mesh=mesh,
+        in_specs=(P("data"), P(None, "model")),
+        out_specs=P("data", "model"),
+    )(x, w)
+
+
+def _kernel_batched(inside: bool):
+    """A kernel mapped by `filter_vmap` around it, or by `jax.vmap` inside it."""
+    x, w = jnp.arange(16.0).reshape(8, 1, 2), jnp.arange(6.0).reshape(2, 3)
+    mapped = (
+        eqpar.kernel(jax.vmap(jnp.matmul, in_axes=(0, None)))
+        if inside
+        else eqpar.filter_vmap(eqpar.kernel(jnp.matmul), in_axes=(0, None))
+    )
+    return sm(mapped, in_specs=(P("data"), P()))(x, w)
+
+
 ROWS = [
     # ---------------------------------------------------------------- filter_vmap
     Row(
@@ -932,6 +956,38 @@ ROWS = [
         ),
         eqpar.SpecError,
         r"reduce='median' at \['b'\]; use one of",
+    ),
+    Row(
+        "kernel/varying-misses-an-input-axis",
+        lambda: _kernel_matmul(varying="data"),
+        eqpar.ReplicationError,
+        r"input argument `.*` at \(root\) varies over mesh axes \['model'\].*"
+        r"leave `varying` out",
+        lambda msg: (
+            _kernel_matmul(),
+            jnp.arange(8.0).reshape(4, 2) @ jnp.arange(8.0).reshape(2, 4),
+        ),
+    ),
+    Row(
+        "kernel/varying-names-an-unmapped-axis",
+        lambda: _kernel_matmul(varying=("data", "rows")),
+        eqpar.MeshError,
+        r"\['rows'\].*\['data', 'model'\]",
+        lambda msg: (
+            _kernel_matmul(varying=("data", "model")),
+            jnp.arange(8.0).reshape(4, 2) @ jnp.arange(8.0).reshape(2, 4),
+        ),
+    ),
+    Row(
+        "kernel/batched-from-outside",
+        lambda: _kernel_batched(inside=False),
+        eqpar.ReplicationError,
+        r"argument `.*` at \(root\) \(varying over mesh axes \['data'\]\).*"
+        r"eqpar\.kernel\(jax\.vmap\(fn",
+        lambda msg: (
+            _kernel_batched(inside=True),
+            jnp.arange(16.0).reshape(8, 1, 2) @ jnp.arange(6.0).reshape(2, 3),
+        ),
     ),
 ]
 
