@@ -102,13 +102,14 @@ def pipeline(
         mesh = jax.make_mesh((2, 4), ("data", "stage"))
         make = lambda key: eqx.nn.Linear(8, 8, key=key)
         stack = eqx.filter_vmap(make)(jax.random.split(jax.random.key(0), 8))
-        stack = eqpar.filter_device_put(stack, P("stage"), mesh=mesh)
-        x = eqpar.filter_device_put(jnp.ones((16, 8)), P("data"), mesh=mesh)
+        x = jnp.linspace(-1, 1, 16 * 8).reshape(16, 8)
+        placed = eqpar.filter_device_put(stack, P("stage"), mesh=mesh)
+        xp = eqpar.filter_device_put(x, P("data"), mesh=mesh)
 
         apply = lambda layer, h: jnp.tanh(jax.vmap(layer)(h))
-        y = eqpar.pipeline(stack, x, fn=apply, microbatches=4)
+        y = eqpar.pipeline(placed, xp, fn=apply, microbatches=4)
 
-        h = x  # the sequential fold, for comparison
+        h = x  # the sequential fold on one device, for comparison
         for i in range(8):
             h = apply(jax.tree.map(lambda a: a[i] if eqx.is_array(a) else a, stack), h)
         assert jnp.allclose(y, h, atol=1e-5)
