@@ -39,7 +39,16 @@ from ._errors import AxisSizeError, Checked, MeshError, SpecError, UnboundAxisEr
 from ._runner import context_mesh, placed_spec
 from ._shard_map import filter_shard_map
 from ._specs import AnyMesh, is_array, spec_axes
-from ._vma import manual_axes, to_varying, typed, varying_axes
+from ._vma import AxisName, manual_axes, to_varying, typed, varying_axes
+
+
+class _Placed:
+    def __repr__(self) -> str:
+        return "<as x is placed>"
+
+
+PLACED: Any = _Placed()
+"""`pipeline`'s default `data_axis`: read from where `x` is placed."""
 
 
 def pipeline(
@@ -50,6 +59,7 @@ def pipeline(
     fn: Callable[[Any, Any], Any] | None = None,
     stage_axis: Checked[Hashable] = "stage",
     mesh: Checked[AnyMesh | None] = None,
+    data_axis: Checked[AxisName | None] = PLACED,
 ) -> PyTree:
     """Applies a stack of layers to `x`, one after another, split into pipeline
     stages over the mesh axis `stage_axis` (a GPipe schedule of `microbatches`).
@@ -83,9 +93,13 @@ def pipeline(
     - `stage_axis`: the mesh axis (or bound axis name) the stages run over.
     - `mesh`: the mesh, for a call outside any transform binding `stage_axis`.
         Default: the context mesh (`with jax.set_mesh(mesh):`), else the mesh the
-        stack is placed on. There, `x`'s batch axis stays split as it is placed
-        (e.g. `P("data")` on a `("data", "stage")` mesh: data parallelism over the
-        other axis); an unplaced `x` is replicated.
+        stack is placed on.
+    - `data_axis`: for such a call, the mesh axes (a name or a tuple) the batch is
+        split over: data parallelism over the axes other than the stage axis, e.g.
+        `"data"` on a `("data", "stage")` mesh. `None`: the batch is whole on every
+        device. Default: as `x` is placed (a placed array's sharding, or under a
+        trace the sharding its type carries on Explicit mesh axes), else `None`;
+        inside `jax.jit` on a mesh with Auto axes, say it.
 
     **Returns:**
 
@@ -149,7 +163,7 @@ def pipeline(
             f"multiple of {stages}. Each stage holds L / S layers: use a multiple "
             f"of {stages} layers, or a stage axis whose size divides {L}."
         )
-    batch = _batch_entry(x, mesh, stage_axis)
+    batch = _batch_axes(x, mesh, stage_axis, data_axis)
     shards = int(np.prod([mesh.shape[a] for a in spec_axes(P(batch))]))
     _batch(x, m, shards, f" over {shards} devices of mesh axes {P(batch)}")
     run = filter_shard_map(
@@ -200,18 +214,7 @@ def _schedule(
     layers, shared = eqx.partition(stack, is_array)
     inputs, x_static = eqx.partition(x, is_array)
 
-    # Replication typing: the activations vary over the stage axis (each stage
-    # runs its own layers) and over whatever the inputs and layers vary over.
-    manual = manual_axes(stage_axis)
-    axes = tuple(manual)
-    if typed(manual):
-        seen = set(axes)
-        for leaf in jtu.tree_leaves((layers, inputs)):
-            seen |= set(varying_axes(leaf))
-        axes = tuple(sorted(seen, key=str))
-        cast = lambda tree: jtu.tree_map(lambda a: to_varying(a, axes), tree)  # noqa: E731
-    else:
-        cast = lambda tree: tree  # noqa: E731
+    cast = _activation_type(layers, inputs, stage_axis)
 
     split = jtu.tree_map(lambda a: a.reshape(m, a.shape[0] // m, *a.shape[1:]), inputs)
 
@@ -261,6 +264,42 @@ def _schedule(
     out = psum(last, stage_axis)
     out = jtu.tree_map(lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]), out)
     return eqx.combine(out, x_static)
+
+
+def _activation_type(
+    layers: Any, inputs: Any, stage_axis: Hashable
+) -> Callable[[Any], Any]:
+    """A cast of activations to their replication type (`check_vma=True`): varying
+    over the stage axis (each stage runs its own layers) and over whatever the
+    inputs and layers vary over. Where the type says the layers are the same on
+    every stage, or the input differs between stages, the call is a mistake that
+    would give a wrong answer silently: eqpar's error instead."""
+    manual = manual_axes(stage_axis)
+    if not typed(manual):
+        return lambda tree: tree
+    for path, leaf in _array_paths(layers):
+        name = next((a for a in manual if a not in varying_axes(leaf)), None)
+        if name is not None:
+            raise SpecError(
+                f"eqpar.pipeline got a stack whose leaf at {path} is the same on "
+                f"every stage of {name!r} (replicated, e.g. given `P()`): each "
+                "stage would run every layer. Split the stack over the stages by "
+                f"its layer axis: `in_specs=P({name!r})` for it."
+            )
+    for path, leaf in _array_paths(inputs):
+        name = next((a for a in manual if a in varying_axes(leaf)), None)
+        if name is not None:
+            raise SpecError(
+                f"eqpar.pipeline got x at {path} split over the stage axis "
+                f"{name!r}; the stages pass microbatches along that axis, so "
+                "every stage must be given the same input (its spec may not name "
+                f"{name!r}; e.g. `P('data')` or `P()`)."
+            )
+    seen = set(manual)
+    for leaf in jtu.tree_leaves((layers, inputs)):
+        seen |= set(varying_axes(leaf))
+    axes = tuple(sorted(seen, key=str))
+    return lambda tree: jtu.tree_map(lambda a: to_varying(a, axes), tree)
 
 
 # ----------------------------------------------------------------------------------
@@ -433,9 +472,29 @@ def _mesh(stack: Any, x: Any, mesh: Any) -> AnyMesh:
     )
 
 
-def _batch_entry(x: Any, mesh: AnyMesh, stage_axis: Hashable) -> Any:
-    """The mesh axes `x`'s batch axis is split over, read from its placement
-    (`None`: not split)."""
+def _batch_axes(x: Any, mesh: AnyMesh, stage_axis: Hashable, data_axis: Any) -> Any:
+    """The mesh axes `x`'s batch axis is split over (`None`: not split)."""
+    if data_axis is PLACED:
+        return _placed_batch_axes(x, mesh, stage_axis)
+    if data_axis is None:
+        return None
+    names = data_axis if isinstance(data_axis, tuple) else (data_axis,)
+    unknown = [a for a in names if a not in mesh.axis_names]
+    if unknown:
+        raise MeshError(
+            f"eqpar.pipeline got data_axis={data_axis!r}, which names {unknown}, not "
+            f"axes of the mesh {dict(mesh.shape)}."
+        )
+    if stage_axis in names:
+        raise SpecError(
+            f"eqpar.pipeline got data_axis={data_axis!r}, which includes the stage "
+            f"axis {stage_axis!r}; the stages pass microbatches along it, so the "
+            "batch may be split over the other axes only."
+        )
+    return data_axis
+
+
+def _placed_batch_axes(x: Any, mesh: AnyMesh, stage_axis: Hashable) -> Any:
     entries = set()
     for path, leaf in _array_paths(x):
         spec = placed_spec(leaf, mesh)

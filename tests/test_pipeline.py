@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from jax.sharding import AxisType, PartitionSpec as P
 from jaxtyping import Array, Float
 
@@ -93,6 +93,27 @@ def test_output_equals_the_sequential_fold(mesh):
     assert y.sharding.spec == xp.sharding.spec  # the batch stays where it was
 
 
+def test_gradient_with_respect_to_the_input_equals_the_folds():
+    stack, x = _stack(8), _inputs(16)
+    placed, xp = _place(stack, x, GRID)
+    cot = jnp.cos(x)  # a cotangent unlike the output, so that rows differ
+
+    def loss(forward, s, x):
+        return jnp.sum(forward(s, x) * cot)
+
+    def piped(s, x):  # tracers carry no placement on Auto axes: say where
+        return eqpar.pipeline(s, x, microbatches=4, mesh=GRID, data_axis="data")
+
+    grads = jax.grad(loss, argnums=(1, 2))(piped, placed, xp)
+    ref = jax.grad(loss, argnums=(1, 2))(_fold, stack, x)
+    assert_tree_allclose(grads, ref)
+    assert grads[1].sharding.spec == P("data")
+    y = jax.jit(piped)(placed, xp)  # data parallel inside jit too
+    assert y.sharding.spec == P("data")
+    assert_tree_allclose(y, _fold(stack, x))
+
+
+@settings(max_examples=5)  # each example compiles a pipeline
 @given(
     per_stage=st.integers(1, 3),
     microbatches=st.sampled_from([1, 2, 3, 4, 8]),
@@ -192,8 +213,9 @@ def test_training_equals_the_fold_after_several_adam_steps(mesh):
 
         return jax.jit(step)
 
+    data = "data" if "data" in mesh.axis_names else None
     piped = make_step(
-        lambda s, x: eqpar.pipeline(s, x, microbatches=4, mesh=mesh),
+        lambda s, x: eqpar.pipeline(s, x, microbatches=4, mesh=mesh, data_axis=data),
         lambda s: eqpar.filter_device_put(s, P("stage"), mesh=mesh),
     )
     folded = make_step(_fold, lambda s: s)
@@ -314,9 +336,31 @@ def test_stage_axis_and_mesh_problems():
     x = eqpar.filter_device_put(_inputs(8), P("stage"), mesh=STAGES4)
     with pytest.raises(eqpar.SpecError, match="split over the stage axis"):
         eqpar.pipeline(_stack(4), x, microbatches=2, mesh=STAGES4)
+    with pytest.raises(eqpar.SpecError, match="includes the stage axis"):
+        eqpar.pipeline(
+            _stack(4), _inputs(8), microbatches=2, data_axis="stage", mesh=GRID
+        )
+    with pytest.raises(eqpar.MeshError, match=r"names \['batch'\]"):
+        eqpar.pipeline(
+            _stack(4), _inputs(8), microbatches=2, data_axis="batch", mesh=GRID
+        )
     keys = jax.random.split(jax.random.key(0), 4)
     linears = eqx.filter_vmap(lambda k: eqx.nn.Lambda(jnp.tanh))(keys)
     with pytest.raises(eqpar.SpecError, match="no array leaves"):
         eqpar.pipeline(linears, _inputs(8), microbatches=2, mesh=STAGES4)
     with pytest.raises(eqpar.SpecError, match="not callable"):
         eqpar.pipeline({"w": jnp.ones((4, D))}, _inputs(8), microbatches=2)
+
+
+def test_inside_filter_shard_map_a_replicated_stack_or_a_split_input_is_refused():
+    stack, x = _stack(4), _inputs(8)
+    run = lambda specs: eqpar.filter_shard_map(  # noqa: E731
+        lambda s, x: eqpar.pipeline(s, x, microbatches=2),
+        mesh=STAGES4,
+        in_specs=specs,
+        out_specs=P(),
+    )(stack, x)
+    with pytest.raises(eqpar.SpecError, match=r"\.w1 is the same on every stage"):
+        run((P(), P()))  # every stage would run all 4 layers
+    with pytest.raises(eqpar.SpecError, match="split over the stage axis 'stage'"):
+        run((P("stage"), P("stage")))
