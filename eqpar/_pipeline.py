@@ -57,7 +57,7 @@ def pipeline(
     *,
     microbatches: Checked[int],
     fn: Callable[[Any, Any], Any] | None = None,
-    stage_axis: Checked[Hashable] = "stage",
+    stage_axis: Hashable = "stage",
     mesh: Checked[AnyMesh | None] = None,
     data_axis: Checked[AxisName | None] = PLACED,
 ) -> PyTree:
@@ -66,7 +66,10 @@ def pipeline(
 
     The result equals the sequential fold `h = x; for l in range(L): h =
     fn(layer_l, h)` (outputs and, through `jax.grad`, gradients), while each device
-    of the stage axis holds and runs only its own `L / S` layers.
+    of the stage axis holds and runs only its own `L / S` layers. Each stage folds
+    its layers with one `jax.lax.scan` (the layer is traced once, whatever `L`) and
+    is rematerialised in the backward pass, as in GPipe: a device keeps each
+    step's input microbatch, not every layer's activations.
 
     **Arguments:**
 
@@ -91,6 +94,8 @@ def pipeline(
         that take a batch; for per-example Modules such as `eqx.nn.Linear`, pass
         `fn=lambda layer, h: jax.vmap(layer)(h)`.
     - `stage_axis`: the mesh axis (or bound axis name) the stages run over.
+        Where it is bound (inside `filter_shard_map` and the like), `mesh` and
+        `data_axis` play no part: the stack and `x` are this device's.
     - `mesh`: the mesh, for a call outside any transform binding `stage_axis`.
         Default: the context mesh (`with jax.set_mesh(mesh):`), else the mesh the
         stack is placed on.
