@@ -195,6 +195,27 @@ def test_check_vma_off_gives_the_forward_result():
     assert_tree_allclose(y, _fold(stack, x))
 
 
+def test_explicit_mesh_under_jit_reads_the_batch_axes_from_the_types():
+    mesh = jax.make_mesh((2, 4), ("data", "stage"), axis_types=(AxisType.Explicit,) * 2)
+    stack, x = _stack(4), _inputs(8)
+    placed, xp = _place(stack, x, mesh)
+
+    def loss(s, x):
+        return jnp.mean(eqpar.pipeline(s, x, microbatches=2) ** 2)
+
+    with jax.set_mesh(mesh):  # the mesh and x's split come from the context
+        value, grads = jax.jit(lambda s, x: eqx.filter_value_and_grad(loss)(s, x))(
+            placed, xp
+        )
+        y = jax.jit(lambda s, x: eqpar.pipeline(s, x, microbatches=2))(placed, xp)
+    ref_value, ref_grads = eqx.filter_value_and_grad(
+        lambda s, x: jnp.mean(_fold(s, x) ** 2)
+    )(stack, x)
+    assert_tree_allclose((value, grads), (ref_value, ref_grads))
+    assert y.sharding.spec == P("data", None)
+    assert grads.w1.sharding.spec == P("stage", None, None)
+
+
 # ---------------------------------------------------------------- training
 
 
