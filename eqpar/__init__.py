@@ -43,6 +43,7 @@ from ._keys import split_key as split_key
 from ._model_sharding import partition_specs as partition_specs
 from ._optax import pmean_updates as pmean_updates
 from ._parallel import Parallel as Parallel
+from ._pipeline import pipeline as pipeline
 from ._placement import (
     data_mesh as data_mesh,
     filter_device_put as filter_device_put,

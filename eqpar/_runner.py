@@ -111,6 +111,26 @@ def gather(mesh: AnyMesh, x: Any) -> Any:
     return match_explicit(mesh, [x], [P()])[0]
 
 
+def placed_spec(x: Any, mesh: AnyMesh) -> P | None:
+    """The spec `x` is placed with on `mesh`: a concrete array's sharding, or under a
+    trace the sharding in its type (which only Explicit mesh axes carry); `None`
+    when it is not placed on `mesh` (or the trace does not say)."""
+    if isinstance(x, jax.core.Tracer):
+        sharding = jax.typeof(x).sharding
+        target = mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh
+        if getattr(sharding, "mesh", None) == target and any(
+            t == AxisType.Explicit for t in target.axis_types
+        ):
+            return sharding.spec
+        return None
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return None
+    own = sharding.mesh
+    same = own == mesh if isinstance(mesh, Mesh) else own.abstract_mesh == mesh
+    return sharding.spec if same else None
+
+
 # ----------------------------------------------------------------------------------
 # Meshes
 

@@ -8,7 +8,7 @@ import jax
 import jax.core
 import jax.tree_util as jtu
 import numpy as np
-from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
 from ._dispatch import (
@@ -25,6 +25,7 @@ from ._runner import (
     check_shard_map_options,
     context_mesh,
     eager_autodiff_check,
+    placed_spec,
     run_shard_map,
 )
 from ._specs import (
@@ -66,29 +67,12 @@ def _placed_specs(fun: Any, args: tuple, kwargs: dict, mesh: AnyMesh) -> list[P]
     for i, leaf in enumerate(jtu.tree_leaves(call)):
         if not is_array(leaf):
             continue
-        spec = _placed_spec(leaf, mesh)
+        spec = placed_spec(leaf, mesh)
         if spec is None:
             names = names or leaf_names(fun, args, kwargs)
             raise SpecError(_unplaced(names[i], leaf, mesh))
         specs.append(spec)
     return specs
-
-
-def _placed_spec(x: Any, mesh: AnyMesh) -> P | None:
-    if isinstance(x, jax.core.Tracer):
-        sharding = jax.typeof(x).sharding
-        target = mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh
-        if getattr(sharding, "mesh", None) == target and any(
-            t == AxisType.Explicit for t in target.axis_types
-        ):
-            return sharding.spec
-        return None
-    sharding = getattr(x, "sharding", None)
-    if not isinstance(sharding, NamedSharding):
-        return None
-    own = sharding.mesh
-    same = own == mesh if isinstance(mesh, Mesh) else own.abstract_mesh == mesh
-    return sharding.spec if same else None
 
 
 def _unplaced(name: str, leaf: Any, mesh: AnyMesh) -> str:
