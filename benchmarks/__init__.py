@@ -15,5 +15,6 @@ BENCHMARKS = (
     "sharding",
     "chunking",
     "training",
+    "fft",
 )
 """Registered benchmarks, in the order the runner runs them."""
