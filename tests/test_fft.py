@@ -82,13 +82,21 @@ def test_fftn_equals_jnp_and_keeps_the_placement(
     assert same_placement(back, xs)
 
 
-@pytest.mark.parametrize("norm", [None, "backward", "ortho", "forward"])
-@pytest.mark.parametrize("axis_type", TYPES, ids=str)
+@pytest.mark.parametrize(
+    "norm, axis_type",
+    [
+        (None, AxisType.Auto),
+        ("backward", AxisType.Explicit),
+        ("ortho", AxisType.Auto),
+        ("forward", AxisType.Explicit),
+    ],
+    ids=str,
+)
 def test_norm_and_single_axes(getkey, norm, axis_type):
     mesh = make_mesh("2d", axis_type)
     x = field(getkey(), (8, 4, 8))
     xs = place(x, mesh, P("a", None, "b"))
-    for axis in (0, 1, -1):
+    for axis in (0, -1):
         close(
             eqpar.fft.fft(xs, axis=axis, norm=norm),
             jnp.fft.fft(x, axis=axis, norm=norm),
@@ -97,7 +105,7 @@ def test_norm_and_single_axes(getkey, norm, axis_type):
             eqpar.fft.ifft(xs, axis=axis, norm=norm),
             jnp.fft.ifft(x, axis=axis, norm=norm),
         )
-    for axes in [(0, 2), (2, 0), (1,), (0, 1, 2)]:
+    for axes in [(2, 0), (1,)]:
         close(
             eqpar.fft.fftn(xs, axes=axes, norm=norm),
             jnp.fft.fftn(x, axes=axes, norm=norm),
@@ -242,10 +250,10 @@ def test_gradients_equal_one_devices(getkey, axis_type, mesh_name, spec, shape):
         eqpar.fft.fftn, spec=spec if axis_type == AxisType.Auto else None
     )
     with jax.set_mesh(mesh):  # Explicit axes mix with unplaced `w` under a mesh
-        got = jax.grad(lambda x: loss(split, x))(xs)
+        got = jax.jit(jax.grad(lambda x: loss(split, x)))(xs)
         assert_tree_allclose(got, expected, rtol=1e-4, atol=1e-4)
-        if axis_type == AxisType.Explicit:  # under jit the placement is in the type
-            got = jax.jit(jax.grad(lambda x: loss(split, x)))(xs)
+        if axis_type == AxisType.Explicit:  # eagerly: the tracer's type says it
+            got = jax.grad(lambda x: loss(split, x))(xs)
             assert_tree_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
