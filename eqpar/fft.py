@@ -418,6 +418,13 @@ def _leaf(x: Any, plan: _Plan, spec: P | None) -> Any:
         named = spec_axes(full)
         if manual and all(a in manual for a in named):
             return _block(x, plan, full)  # a device's block, inside a shard_map
+        if manual:
+            raise SpecError(
+                f"{plan.who} got spec={spec} for {plan.where} inside a `shard_map` "
+                f"that binds mesh axes {list(manual)}, but the spec names "
+                f"{[a for a in named if a not in manual]}, which are not bound here. "
+                "Give the block's `in_specs` entry (over the shard_map's axes)."
+            )
         if not named:
             return _block(x, plan, full)  # replicated: every device does it all
         return _global(x, plan, _spec_mesh(x, plan), full)

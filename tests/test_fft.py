@@ -96,25 +96,17 @@ def test_norm_and_single_axes(getkey, norm, axis_type):
     mesh = make_mesh("2d", axis_type)
     x = field(getkey(), (8, 4, 8))
     xs = place(x, mesh, P("a", None, "b"))
-    for axis in (0, -1):
-        close(
-            eqpar.fft.fft(xs, axis=axis, norm=norm),
-            jnp.fft.fft(x, axis=axis, norm=norm),
-        )
-        close(
-            eqpar.fft.ifft(xs, axis=axis, norm=norm),
-            jnp.fft.ifft(x, axis=axis, norm=norm),
-        )
-    for axes in [(2, 0), (1,)]:
-        close(
-            eqpar.fft.fftn(xs, axes=axes, norm=norm),
-            jnp.fft.fftn(x, axes=axes, norm=norm),
-        )
-        close(
-            eqpar.fft.ifftn(xs, axes=axes, norm=norm),
-            jnp.fft.ifftn(x, axes=axes, norm=norm),
-        )
-    close(eqpar.fft.fft2(xs, norm=norm), jnp.fft.fft2(x, norm=norm))
+    # Along each split dimension, several at once, a whole one, and two by default.
+    close(eqpar.fft.fft(xs, axis=0, norm=norm), jnp.fft.fft(x, axis=0, norm=norm))
+    close(eqpar.fft.ifft(xs, axis=-1, norm=norm), jnp.fft.ifft(x, axis=-1, norm=norm))
+    close(
+        eqpar.fft.fftn(xs, axes=(2, 0), norm=norm),
+        jnp.fft.fftn(x, axes=(2, 0), norm=norm),
+    )
+    close(
+        eqpar.fft.ifftn(xs, axes=(1,), norm=norm),
+        jnp.fft.ifftn(x, axes=(1,), norm=norm),
+    )
     close(eqpar.fft.ifft2(xs, norm=norm), jnp.fft.ifft2(x, norm=norm))
 
 
@@ -285,6 +277,14 @@ def test_inside_a_shard_map_the_spec_is_needed(mesh8):
     )
     with pytest.raises(eqpar.SpecError, match=r"spec=P\('rows'\)"):
         f(jnp.ones((16, 8), jnp.complex64))
+    g = eqpar.filter_shard_map(
+        lambda b: eqpar.fft.fftn(b, spec=P("rows")),
+        mesh=mesh8,
+        in_specs=P("data"),
+        out_specs=P("data"),
+    )
+    with pytest.raises(eqpar.SpecError, match=r"names \['rows'\].*not bound"):
+        g(jnp.ones((16, 8), jnp.complex64))
 
 
 def test_under_filter_vmap_it_is_jnp_fft(getkey):
