@@ -16,5 +16,6 @@ BENCHMARKS = (
     "chunking",
     "training",
     "pipeline",
+    "fft",
 )
 """Registered benchmarks, in the order the runner runs them."""

@@ -110,6 +110,7 @@ def same_program(a: str, b: str) -> bool:
 
 
 _BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1}
+_BYTES.update(c64=8, c128=16)
 
 
 def collectives(text: str) -> dict[str, tuple[int, int]]:

@@ -1,8 +1,11 @@
 """eqpar: filtered parallel transforms and pytree-aware collectives for Equinox."""
 
+from . import fft as fft
 from ._checkpoint import CheckpointManager as CheckpointManager
 from ._collectives import (
     all_gather as all_gather,
+    all_to_all as all_to_all,
+    axis_index as axis_index,
     axis_size as axis_size,
     halo_exchange as halo_exchange,
     mark_varying as mark_varying,

@@ -522,3 +522,131 @@ def halo_exchange(
         from_prev = jnp.where(index == 0, jnp.zeros_like(from_prev), from_prev)
         from_next = jnp.where(index == n - 1, jnp.zeros_like(from_next), from_next)
     return jnp.concatenate([from_prev, x, from_next], axis=axis)
+
+
+def axis_index(axis_name: AxisName) -> Array:
+    """This device's (or this element's) index along a bound axis, as `jax.lax`
+    gives it.
+
+    **Arguments:**
+
+    - `axis_name`: a bound axis name, or a tuple of names; for a tuple the index
+        counts over all of them, the last name fastest (the order in which a
+        `PartitionSpec` entry `("data", "model")` lays out the blocks).
+
+    **Returns:**
+
+    An int32 scalar in `range(eqpar.axis_size(axis_name))`. Raises
+    `eqpar.UnboundAxisError` if no enclosing transform binds the name.
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp, eqpar
+
+        ids = eqpar.filter_vmap(lambda x: eqpar.axis_index("i"), axis_name="i")(
+            jnp.zeros(4)
+        )
+        assert (ids == jnp.arange(4)).all()
+        ```
+    """
+    axis_size(axis_name)
+    return jax.lax.axis_index(axis_name)
+
+
+def all_to_all(
+    tree: PyTree,
+    axis_name: AxisName,
+    *,
+    split_axis: int,
+    concat_axis: int,
+    tiled: bool = False,
+) -> PyTree:
+    """Re-lays-out every array leaf over `axis_name`: each device splits its value
+    along `split_axis` into one chunk per device, sends chunk `j` to device `j`, and
+    joins the chunks it receives along `concat_axis` in device order.
+
+    The step under a distributed FFT, Ulysses-style attention and expert
+    dispatch: with `tiled=True`, an array sharded along `concat_axis` comes out
+    sharded along `split_axis` instead, each device's block whole along
+    `concat_axis`. Its gradient is the all-to-all the other way.
+
+    **Arguments:**
+
+    - `tree`: any pytree; array leaves are exchanged, other leaves (and a Module's
+        non-array fields) pass through.
+    - `axis_name`: a bound axis name, or a tuple of names (the device order is
+        then [`eqpar.axis_index`][]'s).
+    - `split_axis`: the dimension each leaf is split along (its size must be a
+        multiple of the axis size with `tiled=True`, and equal to it with
+        `tiled=False`).
+    - `concat_axis`: the dimension the received chunks are joined along.
+    - `tiled`: `True` divides `split_axis` by the axis size and multiplies
+        `concat_axis` by it. `False` (as `jax.lax.all_to_all`) needs `split_axis`
+        to equal the axis size; that dimension is removed and a new one, indexing
+        the device each chunk came from, is inserted at `concat_axis`.
+
+    **Returns:**
+
+    The same structure with each array leaf exchanged.
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, eqpar
+        from jax.sharding import PartitionSpec as P
+
+        n = jax.device_count()
+        mesh = jax.make_mesh((n,), ("d",))
+        x = jnp.arange(n * n * 2.0).reshape(n, 2 * n)  # split by rows
+        # Each device's block of rows becomes a block of columns: the same array.
+        y = eqpar.filter_shard_map(
+            lambda b: eqpar.all_to_all(b, "d", split_axis=1, concat_axis=0, tiled=True),
+            mesh=mesh, in_specs=P("d"), out_specs=P(None, "d"),
+        )(x)
+        assert (y == x).all()
+        ```
+    """
+    n = axis_size(axis_name)
+
+    def exchange(path: Any, x: Any) -> Any:
+        shape = jnp.shape(x)
+        where = jtu.keystr(path) or "(root)"
+        for name, dim in (("split_axis", split_axis), ("concat_axis", concat_axis)):
+            if isinstance(dim, bool) or not -len(shape) <= dim < len(shape):
+                raise SpecError(
+                    f"eqpar.all_to_all got {name}={dim!r} for the leaf at {where} of "
+                    f"shape {shape}, which has no such dimension (rank "
+                    f"{len(shape)}). Pass dimensions of the leaf; a scalar cannot be "
+                    "split."
+                )
+        size = shape[split_axis]
+        if (size % n) if tiled else (size != n):
+            raise AxisSizeError(
+                f"eqpar.all_to_all(tiled={tiled}) got the leaf at {where} of shape "
+                f"{shape}, whose split_axis={split_axis} has size {size}, but the "
+                f"axis {axis_name!r} has {n} devices: with tiled=True that size must "
+                f"be a multiple of {n} (pad it, e.g. `jnp.pad`, to "
+                f"{-(-size // n) * n}), with tiled=False equal to {n}."
+            )
+        return x
+
+    checked = _map_arrays_with_path(exchange, tree)
+
+    def op(x: Any, name: AxisName, **kwargs: Any) -> Any:
+        if not jnp.ndim(x):  # a Python number outside a Module
+            exchange((), x)
+        return jax.lax.all_to_all(x, name, **kwargs)
+
+    return _collective(
+        op,
+        checked,
+        axis_name,
+        split_axis=split_axis,
+        concat_axis=concat_axis,
+        tiled=tiled,
+    )
+
+
+def _map_arrays_with_path(fn: Callable[[Any, Any], Any], tree: Any) -> Any:
+    return jtu.tree_map_with_path(lambda p, x: fn(p, x) if is_array(x) else x, tree)

@@ -170,7 +170,7 @@ def dimension_names(tree: Any, path: Sequence[Any]) -> list[str | None] | None:
     dim_str = _dim_str(annotation)
     if dim_str is None:
         return None
-    return _names(dim_str, len(getattr(node, "shape", ())))
+    return names_in(dim_str, len(getattr(node, "shape", ())))
 
 
 _MISSING = object()
@@ -229,7 +229,7 @@ def _dim_str(annotation: Any) -> str | None:
     return None
 
 
-def _names(dim_str: str, ndim: int) -> list[str | None]:
+def names_in(dim_str: str, ndim: int) -> list[str | None]:
     """One name (or None) per dimension of an array of rank `ndim`, from a
     jaxtyping dimension string. Names before a variadic part count from the front,
     names after it from the back."""

@@ -21,6 +21,7 @@ SMALL = {  # the flags that make each example small enough for CI
     "multiprocess_training": ["--steps", "3"],  # one process here; see test_distributed
     "model_parallel": ["--steps", "3"],
     "pallas_kernels": ["--steps", "2", "--batch", "16", "--width", "8"],
+    "distributed_field": ["--size", "64", "--planes", "3"],
 }
 WRITES = {  # what each example writes into --out (and nothing anywhere else)
     "microscope": ["microscope.png"],
@@ -31,6 +32,7 @@ WRITES = {  # what each example writes into --out (and nothing anywhere else)
     "multiprocess_training": ["params_1x8.npz"],
     "model_parallel": [],
     "pallas_kernels": [],
+    "distributed_field": ["distributed_field.png"],
 }
 
 

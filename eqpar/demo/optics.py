@@ -34,23 +34,38 @@ class Microscope(eqx.Module):
     def pupil(self, z: Float[Array, ""]) -> Complex[Array, "h w"]:
         f = jnp.fft.fftfreq(self.size, d=self.spacing)  # spatial frequencies, 1/µm
         fx, fy = jnp.meshgrid(f, f, indexing="ij")
-        rho2 = (fx**2 + fy**2) * self.wavelength**2
-        inside = rho2 <= self.na**2  # |f| <= NA / wavelength
-        kz = (
-            2
-            * jnp.pi
-            * self.n
-            / self.wavelength
-            * jnp.sqrt(jnp.clip(1.0 - rho2 / self.n**2, 0.0, None))
-        )
-        angle = kz * z + self.phase
-        field = jax.lax.complex(jnp.cos(angle), jnp.sin(angle))
-        return jnp.where(inside, field, jnp.zeros_like(field))
+        return transfer(fx, fy, z, self, phase=self.phase)
 
     def psf(self, z: Float[Array, ""]) -> Float[Array, "h w"]:
         field = jnp.fft.fftshift(jnp.fft.ifft2(self.pupil(z)))
         intensity = jnp.abs(field) ** 2
         return intensity / self.size**2
+
+
+def transfer(
+    fx: Float[Array, "..."],
+    fy: Float[Array, "..."],
+    z: Float[Array, ""] | float,
+    scope: Microscope,
+    phase: Float[Array, "..."] | float = 0.0,
+) -> Complex[Array, "..."]:
+    """The angular-spectrum transfer function of a propagation by `z` µm, cut off
+    at the numerical aperture: `exp(i (kz z + phase))` at the spatial frequencies
+    `(fx, fy)` (1/µm, any broadcastable shapes: a device's rows of the spectrum
+    too), zero beyond `|f| = NA / wavelength`. The microscope's pupil at depth `z`
+    is this on its whole frequency grid, with its phase mask."""
+    rho2 = (fx**2 + fy**2) * scope.wavelength**2
+    inside = rho2 <= scope.na**2  # |f| <= NA / wavelength
+    kz = (
+        2
+        * jnp.pi
+        * scope.n
+        / scope.wavelength
+        * jnp.sqrt(jnp.clip(1.0 - rho2 / scope.n**2, 0.0, None))
+    )
+    angle = kz * z + phase
+    field = jax.lax.complex(jnp.cos(angle), jnp.sin(angle))
+    return jnp.where(inside, field, jnp.zeros_like(field))
 
 
 def make_microscope(size: int) -> Microscope:
