@@ -151,6 +151,14 @@ def _replicated_pair():
     return eqpar.replicate({"a": jnp.ones(2), "b": jnp.ones(2)}, mesh=eqpar.data_mesh())
 
 
+def _save_beside_a_stray_folder_keeping_two():
+    directory = _saved({"w": jnp.ones(2)}, step=1, stray=5).directory
+    ckpt = eqpar.CheckpointManager(directory, max_to_keep=2)
+    _managers.append(ckpt)
+    with pytest.warns(eqpar.EqparWarning, match="not one"):
+        ckpt.save(2, {"w": jnp.ones(2)})
+
+
 def _a_file():
     handle, path = tempfile.mkstemp(prefix="eqpar-not-a-folder-")
     os.close(handle)
@@ -884,6 +892,12 @@ ROWS = [
         _save_onto_stray_folder,
         eqpar.CheckpointError,
         r"step 5 cannot be saved.*/5 already exists and is not a checkpoint",
+    ),
+    Row(
+        "checkpoint/stray-folder-with-max-to-keep",
+        _save_beside_a_stray_folder_keeping_two,
+        eqpar.CheckpointError,
+        r"/5 in the checkpoint directory.*max_to_keep=2.*delete a real one.*Remove",
     ),
     Row(
         "initialize/coordinator-address-int",
