@@ -128,6 +128,7 @@ def _saved(tree, step=1, stray=None):
 
 
 _managers: list[eqpar.CheckpointManager] = []
+_files: list[str] = []
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -136,6 +137,8 @@ def _close_managers():
     for ckpt in _managers:
         ckpt.close()
         shutil.rmtree(ckpt.directory, ignore_errors=True)
+    for path in _files:
+        os.remove(path)
 
 
 def _scalars_and_vector():
@@ -162,6 +165,7 @@ def _save_beside_a_stray_folder_keeping_two():
 def _a_file():
     handle, path = tempfile.mkstemp(prefix="eqpar-not-a-folder-")
     os.close(handle)
+    _files.append(path)
     return path
 
 
