@@ -264,7 +264,8 @@ class CheckpointManager:
     `<step>.orbax-checkpoint-tmp` folder, which is never restored and is removed by
     the next `CheckpointManager` on that directory. A folder named like a step that
     is not a checkpoint (e.g. an empty `5/` made by hand) is ignored with an
-    `eqpar.EqparWarning` naming it; remove it.
+    `eqpar.EqparWarning` naming it; remove it (with `max_to_keep`, `save` refuses
+    until then: orbax would count it among the checkpoints kept).
 
     **Arguments:**
 
@@ -343,6 +344,7 @@ class CheckpointManager:
             item_handlers=ocp.StandardCheckpointHandler(),
         )
         self._closed = False
+        self._max_to_keep = max_to_keep
         self._finished: set[int] = set()  # steps seen to be whole checkpoints
         self._strays: set[int] = set()  # step-like folders warned about
 
@@ -437,6 +439,15 @@ class CheckpointManager:
             )
         steps = self._steps()
         latest = steps[-1] if steps else None
+        if self._strays and self._max_to_keep is not None:
+            folders = [os.path.join(self._directory, str(s)) for s in self._strays]
+            raise CheckpointError(
+                f"CheckpointManager.save: {_short_list(sorted(folders))} in the "
+                "checkpoint directory is named like a step but is not a checkpoint; "
+                f"with max_to_keep={self._max_to_keep}, orbax would count it among "
+                "the checkpoints kept and delete a real one in its place. Remove it "
+                "(or move it out of the directory), then save."
+            )
         if step in self._strays:
             raise CheckpointError(
                 f"CheckpointManager.save: step {step} cannot be saved: "

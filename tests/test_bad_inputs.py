@@ -128,6 +128,7 @@ def _saved(tree, step=1, stray=None):
 
 
 _managers: list[eqpar.CheckpointManager] = []
+_files: list[str] = []
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -136,6 +137,8 @@ def _close_managers():
     for ckpt in _managers:
         ckpt.close()
         shutil.rmtree(ckpt.directory, ignore_errors=True)
+    for path in _files:
+        os.remove(path)
 
 
 def _scalars_and_vector():
@@ -151,9 +154,18 @@ def _replicated_pair():
     return eqpar.replicate({"a": jnp.ones(2), "b": jnp.ones(2)}, mesh=eqpar.data_mesh())
 
 
+def _save_beside_a_stray_folder_keeping_two():
+    directory = _saved({"w": jnp.ones(2)}, step=1, stray=5).directory
+    ckpt = eqpar.CheckpointManager(directory, max_to_keep=2)
+    _managers.append(ckpt)
+    with pytest.warns(eqpar.EqparWarning, match="not one"):
+        ckpt.save(2, {"w": jnp.ones(2)})
+
+
 def _a_file():
     handle, path = tempfile.mkstemp(prefix="eqpar-not-a-folder-")
     os.close(handle)
+    _files.append(path)
     return path
 
 
@@ -908,6 +920,12 @@ ROWS = [
         _save_onto_stray_folder,
         eqpar.CheckpointError,
         r"step 5 cannot be saved.*/5 already exists and is not a checkpoint",
+    ),
+    Row(
+        "checkpoint/stray-folder-with-max-to-keep",
+        _save_beside_a_stray_folder_keeping_two,
+        eqpar.CheckpointError,
+        r"/5 in the checkpoint directory.*max_to_keep=2.*delete a real one.*Remove",
     ),
     Row(
         "initialize/coordinator-address-int",
