@@ -35,10 +35,7 @@ from jax.sharding import PartitionSpec as P
 from ._dispatch import decorator_or_call, transformed
 from ._errors import Checked, MeshError, ReplicationError, SpecError
 from ._specs import is_array, leaf_names, merge_leaves, split_leaves
-from ._vma import typed, varying_axes
-
-
-AxisNames = Hashable | tuple[Hashable, ...]
+from ._vma import AxisName, typed, varying_axes
 
 
 # ----------------------------------------------------------------------------------
@@ -303,20 +300,20 @@ def _differentiated(
 
 @overload
 def kernel(
-    fun: None = None, *, varying: AxisNames | None = None
+    fun: None = None, *, varying: AxisName | None = None
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]: ...
 
 
 @overload
 def kernel(
-    fun: Callable[..., Any], *, varying: AxisNames | None = None
+    fun: Callable[..., Any], *, varying: AxisName | None = None
 ) -> Callable[..., Any]: ...
 
 
 def kernel(
     fun: Checked[Callable[..., Any] | None] = None,
     *,
-    varying: Checked[AxisNames | None] = None,
+    varying: Checked[AxisName | None] = None,
 ) -> Any:
     """Makes a Pallas kernel or a `custom_vjp` function callable under replication
     typing (`filter_shard_map`'s default `check_vma=True`), with no hand-written
