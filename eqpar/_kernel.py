@@ -374,8 +374,9 @@ def kernel(
             out = jax.ShapeDtypeStruct(x.shape, x.dtype)  # no manual_axis_type
             return pl.pallas_call(scale_kernel, out_shape=out, interpret=True)(x, w)
 
-        mesh = jax.make_mesh((8,), ("data",))
-        x, w = jnp.arange(32.0).reshape(16, 2), jnp.array([[2.0, 3.0]])
+        n = jax.device_count()
+        mesh = jax.make_mesh((n,), ("data",))
+        x, w = jnp.arange(4.0 * n).reshape(2 * n, 2), jnp.array([[2.0, 3.0]])
         f = eqpar.filter_shard_map(
             lambda x, w: scale(x, jnp.tile(w, (2, 1))),  # x sharded, w replicated
             mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"),
