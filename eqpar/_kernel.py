@@ -35,10 +35,7 @@ from jax.sharding import PartitionSpec as P
 from ._dispatch import decorator_or_call, transformed
 from ._errors import Checked, MeshError, ReplicationError, SpecError
 from ._specs import is_array, leaf_names, merge_leaves, split_leaves
-from ._vma import typed, varying_axes
-
-
-AxisNames = Hashable | tuple[Hashable, ...]
+from ._vma import AxisName, typed, varying_axes
 
 
 # ----------------------------------------------------------------------------------
@@ -303,20 +300,20 @@ def _differentiated(
 
 @overload
 def kernel(
-    fun: None = None, *, varying: AxisNames | None = None
+    fun: None = None, *, varying: AxisName | None = None
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]: ...
 
 
 @overload
 def kernel(
-    fun: Callable[..., Any], *, varying: AxisNames | None = None
+    fun: Callable[..., Any], *, varying: AxisName | None = None
 ) -> Callable[..., Any]: ...
 
 
 def kernel(
     fun: Checked[Callable[..., Any] | None] = None,
     *,
-    varying: Checked[AxisNames | None] = None,
+    varying: Checked[AxisName | None] = None,
 ) -> Any:
     """Makes a Pallas kernel or a `custom_vjp` function callable under replication
     typing (`filter_shard_map`'s default `check_vma=True`), with no hand-written
@@ -377,8 +374,9 @@ def kernel(
             out = jax.ShapeDtypeStruct(x.shape, x.dtype)  # no manual_axis_type
             return pl.pallas_call(scale_kernel, out_shape=out, interpret=True)(x, w)
 
-        mesh = jax.make_mesh((8,), ("data",))
-        x, w = jnp.arange(32.0).reshape(16, 2), jnp.array([[2.0, 3.0]])
+        n = jax.device_count()
+        mesh = jax.make_mesh((n,), ("data",))
+        x, w = jnp.arange(4.0 * n).reshape(2 * n, 2), jnp.array([[2.0, 3.0]])
         f = eqpar.filter_shard_map(
             lambda x, w: scale(x, jnp.tile(w, (2, 1))),  # x sharded, w replicated
             mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"),

@@ -6,6 +6,7 @@ import re
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from jax.experimental import pallas as pl
@@ -653,3 +654,18 @@ def test_parallel_with_typing_and_pmap(getkey):
     )
     out = pmapped(x.reshape(8, 2, 3), w)
     assert_tree_allclose(out.reshape(16, 2), x @ w, atol=1e-5)
+
+
+@given(rows=st.integers(1, 30).filter(lambda r: r % 8))
+def test_rows_that_do_not_divide(rows):
+    """A batch the devices do not divide is `filter_shard_map`'s clear error, before
+    any kernel runs."""
+    x, w = np.ones((rows, 3), np.float32), np.ones((3, 2), np.float32)
+    f = eqpar.filter_shard_map(
+        eqpar.kernel(pallas_matmul),
+        mesh=_mesh("1d", EXPLICIT),
+        in_specs=(P("data"), P()),
+        out_specs=P("data"),
+    )
+    with pytest.raises(eqpar.AxisSizeError, match=rf"`x`.*size {rows}.*8 devices"):
+        f(x, w)
