@@ -18,8 +18,6 @@ from jaxtyping import Array, Complex, Float
 
 import eqpar
 
-from .helpers import assert_tree_allclose
-
 
 MESHES = {  # name -> (shape, axis names)
     "1d": ((8,), ("d",)),
@@ -272,10 +270,10 @@ def test_gradients_equal_one_devices(getkey, axis_type, mesh_name, spec, shape):
     )
     with jax.set_mesh(mesh):  # Explicit axes mix with unplaced `w` under a mesh
         got = jax.jit(jax.grad(lambda x: loss(split, x)))(xs)
-        assert_tree_allclose(got, expected, rtol=1e-4, atol=1e-4)
+        close(got, expected)
         if axis_type == AxisType.Explicit:  # eagerly: the tracer's type says it
             got = jax.grad(lambda x: loss(split, x))(xs)
-            assert_tree_allclose(got, expected, rtol=1e-4, atol=1e-4)
+            close(got, expected)
 
 
 # ----------------------------------------------------------------------------------
