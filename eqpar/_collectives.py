@@ -633,13 +633,13 @@ def all_to_all(
 
     checked = _map_arrays_with_path(exchange, tree)
 
-    def op(x: Any, name: AxisName, **kwargs: Any) -> Any:
+    def all_to_all(x: Any, name: AxisName, **kwargs: Any) -> Any:
         if not jnp.ndim(x):  # a Python number outside a Module
             exchange((), x)
         return jax.lax.all_to_all(x, name, **kwargs)
 
     return _collective(
-        op,
+        all_to_all,
         checked,
         axis_name,
         split_axis=split_axis,

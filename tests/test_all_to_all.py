@@ -161,3 +161,41 @@ def test_all_to_all_errors(getkey):
             lambda t: eqpar.all_to_all(1.0, "d", split_axis=0, concat_axis=0),
             axis_name="d",
         )(jnp.ones(N))
+
+
+def test_over_a_vmap_axis_inside_a_typed_shard_map(mesh8):
+    """As the other collectives: JAX's replication typing knows only mesh axes, so
+    an all-to-all over a vmap axis inside check_vma=True is eqpar's error, and
+    fine with check_vma=False; axis_index of the vmap axis is fine in both."""
+
+    def body(b):
+        inner = eqpar.filter_vmap(
+            lambda r: eqpar.all_to_all(r, "i", split_axis=0, concat_axis=0),
+            axis_name="i",
+        )
+        return inner(b)
+
+    x = jnp.arange(8 * 4 * 4, dtype=jnp.float32).reshape(8 * 4, 4)
+    for check_vma in (True, False):
+        ids = eqpar.filter_shard_map(
+            lambda b: eqpar.filter_vmap(
+                lambda r: eqpar.axis_index("i") + 0 * r[0].astype(jnp.int32),
+                axis_name="i",
+            )(b),
+            mesh=mesh8,
+            in_specs=P("data"),
+            out_specs=P("data"),
+            check_vma=check_vma,
+        )(x)
+        assert (np.asarray(ids) == np.tile(np.arange(4), 8)).all()
+    with pytest.raises(eqpar.ReplicationError, match="all_to_all.*check_vma=False"):
+        eqpar.filter_shard_map(
+            body, mesh=mesh8, in_specs=P("data"), out_specs=P("data")
+        )(x)
+    out = eqpar.filter_shard_map(
+        body, mesh=mesh8, in_specs=P("data"), out_specs=P("data"), check_vma=False
+    )(x)
+    expected = np.concatenate(
+        [np.swapaxes(b, 0, 1) for b in np.split(np.asarray(x), 8)]
+    )
+    assert_tree_allclose(out, expected)

@@ -12,13 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Complex, Float
 
 import eqpar
-
-from .helpers import assert_tree_allclose
 
 
 MESHES = {  # name -> (shape, axis names)
@@ -137,6 +135,7 @@ def test_lengths_along_whole_dimensions(getkey):
         eqpar.fft.fftn(xs, s=(12, 8))
 
 
+@example(rows=16, cols=8, axis_type=AxisType.Auto)  # divides
 @given(
     rows=st.sampled_from([8, 16, 12, 24]),
     cols=st.sampled_from([8, 16, 6, 4, 1]),
@@ -159,6 +158,34 @@ def test_shapes_that_divide_and_that_do_not(rows, cols, axis_type):
             eqpar.fft.fftn(xs)
         # Along the whole dimension only: no exchange needed.
         close(eqpar.fft.fft(xs, axis=1), jnp.fft.fft(x, axis=1))
+        return
+    y = eqpar.fft.fftn(xs)
+    close(y, jnp.fft.fftn(x))
+    close(eqpar.fft.ifftn(y), x)
+    assert same_placement(y, xs)
+
+
+@example(rows=16, cols=8, axis_type=AxisType.Explicit)  # divides
+@example(rows=8, cols=12, axis_type=AxisType.Auto)  # the columns' blocks do not
+@given(
+    rows=st.sampled_from([16, 8, 6, 4]),
+    cols=st.sampled_from([16, 8, 12, 6]),
+    axis_type=st.sampled_from(TYPES),
+)
+def test_pencil_shapes_that_divide_and_that_do_not(rows, cols, axis_type):
+    """Rows over "a" (2), columns over "b" (4) of a 2 x 4 mesh: each split
+    dimension trades places with the other, whose block must divide again."""
+    mesh = make_mesh("2d", axis_type)
+    x = field(jax.random.key(rows * 100 + cols), (rows, cols))
+    with jax.set_mesh(mesh):
+        if rows % 2 or cols % 4:
+            with pytest.raises(eqpar.AxisSizeError, match="is not a multiple"):
+                eqpar.fft.fftn(x, spec=P("a", "b"))
+            return
+    xs = place(x, mesh, P("a", "b"))
+    if (cols // 4) % 2 or (rows // 2) % 4:
+        with pytest.raises(eqpar.AxisSizeError, match="divisible by.*Pad"):
+            eqpar.fft.fftn(xs)
         return
     y = eqpar.fft.fftn(xs)
     close(y, jnp.fft.fftn(x))
@@ -243,10 +270,10 @@ def test_gradients_equal_one_devices(getkey, axis_type, mesh_name, spec, shape):
     )
     with jax.set_mesh(mesh):  # Explicit axes mix with unplaced `w` under a mesh
         got = jax.jit(jax.grad(lambda x: loss(split, x)))(xs)
-        assert_tree_allclose(got, expected, rtol=1e-4, atol=1e-4)
+        close(got, expected)
         if axis_type == AxisType.Explicit:  # eagerly: the tracer's type says it
             got = jax.grad(lambda x: loss(split, x))(xs)
-            assert_tree_allclose(got, expected, rtol=1e-4, atol=1e-4)
+            close(got, expected)
 
 
 # ----------------------------------------------------------------------------------
