@@ -118,7 +118,21 @@ def ifft(
     names: Names = None,
 ) -> PyTree:
     """The inverse of [`eqpar.fft.fft`][], as `jnp.fft.ifft`. Arguments as
-    [`eqpar.fft.fft`][]."""
+    [`eqpar.fft.fft`][].
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, numpy as np, eqpar
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        mesh = jax.make_mesh((jax.device_count(),), ("rows",))
+        x = jax.random.normal(jax.random.key(0), (4 * jax.device_count(), 8))
+        x = jax.device_put(x.astype(jnp.complex64), NamedSharding(mesh, P("rows")))
+        back = eqpar.fft.ifft(eqpar.fft.fft(x, axis=0), axis=0)
+        np.testing.assert_allclose(back, x, atol=1e-5)
+        ```
+    """
     return _transform(
         a, _Kind.C2C, True, (axis,), _lengths(n), norm, spec, names, "ifft"
     )
@@ -185,7 +199,20 @@ def ifftn(
     names: Names = None,
 ) -> PyTree:
     """The inverse of [`eqpar.fft.fftn`][], as `jnp.fft.ifftn`. Arguments as
-    [`eqpar.fft.fftn`][]."""
+    [`eqpar.fft.fftn`][].
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, numpy as np, eqpar
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        mesh = jax.make_mesh((jax.device_count(),), ("rows",))
+        x = jax.random.normal(jax.random.key(0), (4 * jax.device_count(), 8, 8))
+        x = jax.device_put(x.astype(jnp.complex64), NamedSharding(mesh, P("rows")))
+        np.testing.assert_allclose(eqpar.fft.ifftn(eqpar.fft.fftn(x)), x, atol=1e-5)
+        ```
+    """
     return _transform(a, _Kind.C2C, True, axes, _lengths(s), norm, spec, names, "ifftn")
 
 
@@ -199,7 +226,21 @@ def fft2(
     names: Names = None,
 ) -> PyTree:
     """[`eqpar.fft.fftn`][] over two axes, the last two by default, as
-    `jnp.fft.fft2`."""
+    `jnp.fft.fft2`.
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, numpy as np, eqpar
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        mesh = jax.make_mesh((jax.device_count(),), ("rows",))
+        x = jax.random.normal(jax.random.key(0), (8 * jax.device_count(), 16))
+        x = jax.device_put(x, NamedSharding(mesh, P("rows")))  # rows split
+        y = eqpar.fft.fft2(x)
+        np.testing.assert_allclose(y, jnp.fft.fft2(x), rtol=1e-4, atol=1e-4)
+        ```
+    """
     return fftn(a, s, axes, norm, spec=spec, names=names)
 
 
@@ -213,7 +254,20 @@ def ifft2(
     names: Names = None,
 ) -> PyTree:
     """[`eqpar.fft.ifftn`][] over two axes, the last two by default, as
-    `jnp.fft.ifft2`."""
+    `jnp.fft.ifft2`.
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, numpy as np, eqpar
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        mesh = jax.make_mesh((jax.device_count(),), ("rows",))
+        x = jax.random.normal(jax.random.key(0), (8 * jax.device_count(), 16))
+        x = jax.device_put(x.astype(jnp.complex64), NamedSharding(mesh, P("rows")))
+        np.testing.assert_allclose(eqpar.fft.ifft2(eqpar.fft.fft2(x)), x, atol=1e-5)
+        ```
+    """
     return ifftn(a, s, axes, norm, spec=spec, names=names)
 
 
@@ -228,7 +282,22 @@ def rfftn(
 ) -> PyTree:
     """The N-D FFT of a real array, as `jnp.fft.rfftn`: the last of `axes` keeps
     its non-negative frequencies only (`n // 2 + 1` of them), so it must not be
-    split over devices. Arguments as [`eqpar.fft.fftn`][]."""
+    split over devices. Arguments as [`eqpar.fft.fftn`][].
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, numpy as np, eqpar
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        mesh = jax.make_mesh((jax.device_count(),), ("rows",))
+        x = jax.random.normal(jax.random.key(0), (8 * jax.device_count(), 16, 16))
+        x = jax.device_put(x, NamedSharding(mesh, P("rows")))  # the last axis whole
+        y = eqpar.fft.rfftn(x)
+        assert y.shape == (8 * jax.device_count(), 16, 9)
+        np.testing.assert_allclose(y, jnp.fft.rfftn(x), rtol=1e-4, atol=1e-4)
+        ```
+    """
     return _transform(
         a, _Kind.R2C, False, axes, _lengths(s), norm, spec, names, "rfftn"
     )
@@ -244,7 +313,21 @@ def irfftn(
     names: Names = None,
 ) -> PyTree:
     """The inverse of [`eqpar.fft.rfftn`][], as `jnp.fft.irfftn` (real output; the
-    last of `axes` must not be split over devices)."""
+    last of `axes` must not be split over devices).
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, numpy as np, eqpar
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        mesh = jax.make_mesh((jax.device_count(),), ("rows",))
+        x = jax.random.normal(jax.random.key(0), (8 * jax.device_count(), 16, 16))
+        x = jax.device_put(x, NamedSharding(mesh, P("rows")))
+        np.testing.assert_allclose(eqpar.fft.irfftn(eqpar.fft.rfftn(x), s=x.shape), x,
+                                   atol=1e-5)
+        ```
+    """
     return _transform(
         a, _Kind.C2R, True, axes, _lengths(s), norm, spec, names, "irfftn"
     )
@@ -260,7 +343,21 @@ def rfft(
     names: Names = None,
 ) -> PyTree:
     """The 1-D FFT of a real array, as `jnp.fft.rfft`, along a dimension that is
-    not split over devices (the others may be)."""
+    not split over devices (the others may be).
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, numpy as np, eqpar
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        mesh = jax.make_mesh((jax.device_count(),), ("rows",))
+        x = jax.random.normal(jax.random.key(0), (8 * jax.device_count(), 16))
+        x = jax.device_put(x, NamedSharding(mesh, P("rows")))
+        np.testing.assert_allclose(eqpar.fft.rfft(x), jnp.fft.rfft(x), rtol=1e-4,
+                                   atol=1e-4)
+        ```
+    """
     return _transform(
         a, _Kind.R2C, False, (axis,), _lengths(n), norm, spec, names, "rfft"
     )
@@ -275,7 +372,21 @@ def irfft(
     spec: Checked[P | None] = None,
     names: Names = None,
 ) -> PyTree:
-    """The inverse of [`eqpar.fft.rfft`][], as `jnp.fft.irfft`."""
+    """The inverse of [`eqpar.fft.rfft`][], as `jnp.fft.irfft`.
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, numpy as np, eqpar
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        mesh = jax.make_mesh((jax.device_count(),), ("rows",))
+        x = jax.random.normal(jax.random.key(0), (8 * jax.device_count(), 16))
+        x = jax.device_put(x, NamedSharding(mesh, P("rows")))
+        back = eqpar.fft.irfft(eqpar.fft.rfft(x), n=16)
+        np.testing.assert_allclose(back, x, atol=1e-5)
+        ```
+    """
     return _transform(
         a, _Kind.C2R, True, (axis,), _lengths(n), norm, spec, names, "irfft"
     )

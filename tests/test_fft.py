@@ -3,9 +3,6 @@ never gathering it (the compiled HLO is read), on 1-D (8) and 2-D (2x4) meshes,
 Auto and Explicit, eagerly, under jax.jit and inside filter_shard_map."""
 
 import functools
-import inspect
-import re
-import textwrap
 
 import equinox as eqx
 import jax
@@ -364,27 +361,3 @@ def test_errors_name_the_leaf(getkey):
         eqpar.fft.fft(tree["ok"], spec="d")
     out = eqpar.fft.fftn({"ok": tree["ok"], "v": None})
     assert out["v"] is None
-
-
-# ----------------------------------------------------------------------------------
-# The module's docstring examples run (tests/test_docs.py runs eqpar's top-level
-# names; eqpar.fft is a module)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        n
-        for n in dir(eqpar.fft)
-        if not n.startswith("_")
-        and inspect.isfunction(getattr(eqpar.fft, n))
-        and getattr(eqpar.fft, n).__module__ == "eqpar.fft"
-    ],
-)
-def test_docstring_examples_run(name):
-    doc = inspect.getdoc(getattr(eqpar.fft, name)) or ""
-    fence = re.compile(
-        r"^(?P<i>[ \t]*)```python[ \t]*\n(?P<b>.*?)^(?P=i)```", re.S | re.M
-    )
-    for m in fence.finditer(doc):
-        exec(compile(textwrap.dedent(m.group("b")), f"eqpar.fft.{name}", "exec"), {})
