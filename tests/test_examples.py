@@ -20,6 +20,7 @@ SMALL = {  # the flags that make each example small enough for CI
     "shard_map_kernels": [],
     "multiprocess_training": ["--steps", "3"],  # one process here; see test_distributed
     "model_parallel": ["--steps", "3"],
+    "deep_transformer": ["--steps", "2", "--batch", "8"],
 }
 WRITES = {  # what each example writes into --out (and nothing anywhere else)
     "microscope": ["microscope.png"],
@@ -29,6 +30,7 @@ WRITES = {  # what each example writes into --out (and nothing anywhere else)
     "shard_map_kernels": [],
     "multiprocess_training": ["params_1x8.npz"],
     "model_parallel": [],
+    "deep_transformer": ["checkpoints"],
 }
 
 
