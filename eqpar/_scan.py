@@ -64,7 +64,7 @@ def filter_scan(
     !!! example
 
         ```python
-        import jax, jax.numpy as jnp, eqpar
+        import jax, jax.numpy as jnp, numpy as np, eqpar
         from jax.sharding import PartitionSpec as P
 
         mesh = jax.make_mesh((8,), ("data",))
@@ -77,7 +77,7 @@ def filter_scan(
         f = eqpar.filter_shard_map(
             cumsum, mesh=mesh, in_specs=P("data"), out_specs=P("data")
         )
-        out = f(jnp.arange(16.0))
+        out = np.asarray(f(jnp.arange(16.0)))
         assert out[1] == 1.0 and out[3] == 5.0  # a running sum per block of 2
         ```
     """
