@@ -15,5 +15,6 @@ BENCHMARKS = (
     "sharding",
     "chunking",
     "training",
+    "deep",
 )
 """Registered benchmarks, in the order the runner runs them."""
