@@ -56,10 +56,19 @@ def partition_specs(
         `rows`), a leading space, and annotations written as strings (`from
         __future__ import annotations`). An optimiser state holds Modules of the
         model's classes (its moments), so they get their parameters' specs.
+        An annotation names a leaf's *trailing* dimensions: the leading layer
+        axis of an [`eqpar.Stacked`][] is named by its `axis_name` (`"layers"`,
+        sharded only if named here), extra leading dimensions of a stack built by
+        hand with `filter_vmap` are never sharded, and a rank the annotation
+        cannot explain is an `eqpar.SpecError` naming the leaf. A name that names
+        no dimension of any array (a typo such as `"hiden"`), or that is only a
+        variadic name (`*batch`), is an `eqpar.SpecError` listing the names there
+        are.
     - `paths`: `(regex, PartitionSpec)` pairs, matched with `re.search` against the
         leaf's path as `jax.tree_util.keystr` writes it (e.g.
         `.layers[0].weight`); the first match wins, over `dims`. This is how
-        layers without names (`eqx.nn.Linear`, `eqx.nn.MLP`) are sharded.
+        layers without names (`eqx.nn.Linear`, `eqx.nn.MLP`) are sharded. A rule
+        that matches no array leaf is an `eqpar.SpecError` listing the paths.
 
     **Returns:**
 

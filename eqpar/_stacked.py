@@ -269,7 +269,9 @@ class Stacked(AbstractStack, Generic[Block]):
         The output of the last layer.
 
         Inside `filter_shard_map(check_vma=True)` the carry may become per-device
-        (it is cast for you, as in [`eqpar.filter_scan`][]).
+        (it is cast for you, as in [`eqpar.filter_scan`][]); finding its type
+        traces the block once more, abstractly (twice in all, whatever the
+        depth; once outside typed `shard_map`).
         """
         out, _ = self._run(x, args, kwargs, gather, returns_y=False)
         return out
