@@ -214,6 +214,28 @@ def test_the_block_is_traced_once_whatever_the_depth(depth):
 _FIELDS = ["w1", "b1", "w2", "b2", "tp"]
 
 
+@pytest.mark.parametrize("depth", [2, 16])
+def test_inside_typed_shard_map_the_block_is_traced_twice_whatever_the_depth(depth):
+    """Once abstractly to find the carry's replication type, once by the scan."""
+    counted = TraceCounter(Block.__call__)
+
+    class Counted(Block):
+        def __call__(self, x):
+            return counted(self, x)
+
+    layers = eqx.filter_vmap(lambda k: make_block(k, tp="model"))(keys(depth))
+    stack = eqpar.Stacked(Counted(**{f: getattr(layers, f) for f in _FIELDS}))
+    specs = eqpar.partition_specs(stack, dims={"hidden": "model"})
+    x, _ = data()
+    f = eqpar.filter_shard_map(
+        lambda s, x: s(x), mesh=AUTO, in_specs=(specs, P()), out_specs=P()
+    )
+    out = f(eqpar.filter_device_put(stack, specs, mesh=AUTO), x)
+    assert counted.count == 2
+    ref = unstacked_apply([make_block(k) for k in keys(depth)], x)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_built_sharded_never_whole_and_equal():
     stack = eqpar.Stacked.build(
         make_block, keys(4), dims={"embed": "data", "hidden": "model"}, mesh=AUTO
@@ -322,8 +344,13 @@ def test_automatic_fsdp_and_tensor_parallel_training_equals_one_device():
     with jax.set_mesh(AUTO):
         for _ in range(STEPS):
             stack, state, grads = step(stack, state, x, y)
-    ref, _ = _reference()
+    ref, ref_loss = _reference()
     assert_tree_allclose(as_unstacked(stack), ref, rtol=1e-5, atol=1e-5)
+    with jax.set_mesh(AUTO):
+        out = eqpar.filter_jit(lambda s, x: s.fold(x, gather=gather))(stack, x)
+    np.testing.assert_allclose(
+        out, unstacked_apply(ref, data()[0]), rtol=1e-5, atol=1e-5
+    )
     for g, s in zip(jax.tree.leaves(grads), jax.tree.leaves(specs[0])):
         assert _same(g.sharding.spec, s, g.ndim)  # gradients sharded as the params
     for a, s in zip(jax.tree.leaves((stack, state)), jax.tree.leaves(specs)):
@@ -368,6 +395,12 @@ def test_explicit_fsdp_and_tensor_parallel_training_equals_one_device(remat):
     assert_tree_allclose(untp, ref, rtol=1e-5, atol=1e-5)
     for g, s in zip(jax.tree.leaves(grads), jax.tree.leaves(specs)):
         assert _same(g.sharding.spec, s, g.ndim)
+    # The loss and gradients at the trained parameters: those of one device.
+    loss, grads = eqpar.filter_jit(grad_step)(stack, x, y)
+    ref_loss, ref_grads = jax.value_and_grad(unstacked_loss)(ref, *data())
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    untp = [Block(b.w1, b.b1, b.w2, b.b2) for b in as_unstacked(grads)]
+    assert_tree_allclose(untp, ref_grads, rtol=1e-5, atol=1e-6)
 
 
 def _all_gather_shapes(hlo):
