@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, strategies as st
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, PartitionSpec as P
 from jaxtyping import Array, Float, Int
@@ -139,6 +140,40 @@ def test_every_jaxtyping_form_in_a_stacked_module():
     staged = eqpar.partition_specs(stack, dims={"layers": "data", "hidden": "model"})
     assert staged.layers.fixed == P("data", None, "model")
     assert staged.layers.plain == P("data", None, None)
+
+
+@given(
+    leading=st.lists(st.integers(1, 3), max_size=2),
+    names=st.fixed_dictionaries(
+        {}, optional={n: st.sampled_from(["data", "model", None]) for n in DIMS}
+    ),
+    stacked=st.booleans(),
+)
+def test_a_stack_gets_the_block_specs_with_unsharded_axes_in_front(
+    leading, names, stacked
+):
+    """Any number of leading stack dimensions (hand-made stacks) or an
+    `eqpar.Stacked`'s layer axis: the block's own specs, with `None` in front."""
+    names = names or {"hidden": "model"}
+    one = eqpar.partition_specs(_shapes(0), dims=names)
+    tree = _shapes(0)
+    for size in reversed(leading):
+        tree = eqx.filter_vmap(lambda _, t=tree: t, axis_size=size)(jnp.arange(size))
+    front = len(leading)
+    if stacked:
+        tree = eqpar.Stacked(
+            eqx.filter_vmap(lambda _, t=tree: t, axis_size=2)(jnp.arange(2))
+        )
+        front += 1
+    specs = eqpar.partition_specs(tree, dims=names)
+    specs = specs.layers if stacked else specs
+    for name in ["fixed", "labelled", "broadcast", "anonymous", "quiet", "maybe"]:
+        want = P(*([None] * front), *getattr(one, name))
+        assert getattr(specs, name) == want, (name, leading, stacked)
+    # Around a variadic part the front names stay in front of the stack's axes
+    # only for an `eqpar.Stacked`, which says how many axes it adds.
+    if stacked:
+        assert specs.front == P(None, *one.front[:1], *([None] * (front + 1)))
 
 
 def test_an_optimiser_state_of_a_stack_gets_the_stack_specs():
