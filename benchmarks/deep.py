@@ -125,6 +125,9 @@ def run(quick: bool = False) -> Result:
 
     compile_s: dict[str, dict[int, float]] = {"stacked": {}, "unrolled": {}}
     memory: dict[str, float] = {}
+    warm = _setup(depths[0], embed, hidden, batch, mesh)  # JAX's first-use costs
+    for name in ("stacked", "unrolled"):
+        _compile(*warm[name], warm["x"], mesh)
     for depth in depths:
         setup = _setup(depth, embed, hidden, batch, mesh)
         for name in ("stacked", "unrolled"):

@@ -21,6 +21,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 from jaxtyping import PyTree
 
 from ._errors import Checked, SpecError
+from ._jit import filter_jit
 from ._model_sharding import AbstractStack, MeshAxes, partition_specs
 from ._placement import filter_device_put
 from ._scan import scan_typed, typed_carry
@@ -173,10 +174,6 @@ class Stacked(AbstractStack, Generic[Block]):
             stack = make(keys)
             specs = partition_specs(stack, dims=dims, paths=paths)
             return filter_device_put(stack, specs, mesh=mesh)
-
-        # Local import: `_jit` imports the dispatch core, which this module does
-        # not otherwise need at import time.
-        from ._jit import filter_jit
 
         if mesh is None:
             return filter_jit(born_sharded)(keys)
