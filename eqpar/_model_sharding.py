@@ -107,6 +107,9 @@ def partition_specs(
         where = jtu.keystr(path)
         hits = [i for i, (regex, _) in enumerate(rules) if regex.search(where)]
         used_rules.update(hits)
+        if not names:  # path rules alone: annotations are not read
+            specs.append(rules[hits[0]][1] if hits else P())
+            continue
         if hits:  # a rule gives its spec: the annotation need not fit it
             try:
                 leaf_dimension_names(tree, path, seen)
@@ -115,7 +118,7 @@ def partition_specs(
             specs.append(rules[hits[0]][1])
             continue
         axes = leaf_dimension_names(tree, path, seen)
-        if axes is None or not names:
+        if axes is None:
             specs.append(P())
         else:
             specs.append(P(*[names.get(a) if a is not None else None for a in axes]))

@@ -188,6 +188,9 @@ def test_a_rank_that_cannot_be_explained_is_an_error_naming_the_leaf():
     bad = Block(jnp.ones(E), jnp.ones(H), jnp.ones((H, E)), jnp.ones(E))
     with pytest.raises(eqpar.SpecError, match=r"\.w1 has shape \(8,\).*'embed hidden'"):
         eqpar.partition_specs(bad, dims={"hidden": "model"})
+    # Without `dims` no annotation is read (e.g. only path rules for an
+    # optimiser state whose factored moments have other ranks).
+    assert eqpar.partition_specs(bad, paths=[(r"w2", P("model"))]).w1 == P()
     # A path rule for that leaf is the way out.
     specs = eqpar.partition_specs(bad, dims={"hidden": "model"}, paths=[(r"w1", P())])
     assert specs.w1 == P() and specs.w2 == P("model", None)
