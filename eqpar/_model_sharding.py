@@ -127,13 +127,11 @@ def partition_specs(
 
 
 class _Seen:
-    """The dimension names met while reading a tree: plain and variadic ones, and
-    the paths of array leaves (for messages)."""
+    """The dimension names met while reading a tree: plain and variadic ones."""
 
     def __init__(self) -> None:
         self.names: set[str] = set()
         self.variadic: set[str] = set()
-        self.paths: list[str] = []
 
 
 def _check_all_used(
