@@ -340,13 +340,12 @@ class Stacked(AbstractStack, Generic[Block]):
         """For each array leaf of one layer: `(dimension, mesh axes)` pairs to gather
         over in the scan body (from `gather`, a spec tree for the stack)."""
         if gather is None:
-            return jax.tree.map(lambda _: (), layers_dyn)
+            return jax.tree.map(lambda _: _Pairs(()), layers_dyn)
         if isinstance(gather, Stacked):
             gather = gather.layers
         specs = broadcast_specs(gather, self.layers, "(the stack's layers)", "`gather`")
-        leaves = [x for x in jtu.tree_leaves(self.layers)]
         pairs = []
-        for leaf, spec in zip(leaves, specs):
+        for leaf, spec in zip(jtu.tree_leaves(self.layers), specs):
             if not is_array(leaf):
                 continue
             spec = P() if spec is None else spec
@@ -384,13 +383,13 @@ class _Pairs:
         self.pairs = pairs
 
 
-def _gather_leaf(x: Any, pairs: Any) -> Any:
+def _gather_leaf(x: Any, pairs: _Pairs) -> Any:
     """One layer's leaf `x`, gathered over the mesh axes `pairs` names: an
     all-gather over manual axes (inside `shard_map`); on an automatic or explicit
     mesh, a sharding constraint that leaves those dimensions unsharded (after one
     that keeps them sharded going in, whose transpose keeps the gradient sharded as
     the parameter is). Named `_GATHERED`, so that no policy saves it."""
-    if not isinstance(pairs, _Pairs) or not pairs.pairs:
+    if not pairs.pairs:
         return x
     mesh = jax.sharding.get_abstract_mesh()
     manual = set(mesh.manual_axes)
