@@ -395,6 +395,24 @@ def test_automatic_fsdp_and_tensor_parallel_training_equals_one_device():
         assert _same(a.sharding.spec, s, a.ndim)
 
 
+def test_fsdp_on_explicit_mesh_axes_equals_one_device():
+    """On Explicit axes (sharding in the types) the layer is resharded in the scan
+    body; the gradient keeps the parameters' sharding."""
+    stack = eqpar.Stacked.build(make_block, keys(4), **FSDP_ONLY, mesh=EXPLICIT)
+    gather = eqpar.partition_specs(stack, **FSDP_ONLY)
+    x, y = data()
+    xs, ys = eqpar.filter_device_put((x, y), P("data"), mesh=EXPLICIT)
+    with jax.set_mesh(EXPLICIT):
+        value, grads = eqpar.filter_jit(eqx.filter_value_and_grad(stacked_loss))(
+            stack, xs, ys, gather
+        )
+    layers = [make_block(k) for k in keys(4)]
+    ref_value, ref_grads = jax.value_and_grad(unstacked_loss)(layers, x, y)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    assert_tree_allclose(as_unstacked(grads), ref_grads, rtol=1e-5, atol=1e-6)
+    assert grads.layers.w1.sharding.spec == P(None, "data", None)
+
+
 def _explicit_step(stack, x, y, gather):
     return eqpar.filter_value_and_grad_mean(stacked_loss, "data")(stack, x, y, gather)
 
