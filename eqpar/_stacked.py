@@ -284,7 +284,8 @@ class Stacked(AbstractStack, Generic[Block]):
         **Returns:**
 
         `(x, ys)`: the last layer's `x`, and every layer's `y` stacked along a
-        leading layer axis.
+        leading layer axis (array leaves; a non-array leaf comes back once, as it
+        is).
         """
         return self._run(x, args, kwargs, gather, returns_y=True)
 
@@ -299,6 +300,7 @@ class Stacked(AbstractStack, Generic[Block]):
         per_dyn = [eqx.filter(v, eqx.is_array) for _, v in per_layer]
         per_static = [eqx.filter(v, eqx.is_array, inverse=True) for _, v in per_layer]
         x_dyn, x_static = eqx.partition(x, eqx.is_array)
+        ys_static: list[Any] = [None]
 
         def layer(c_dyn: Any, layer_dyn: Any, per: list) -> tuple[Any, Any]:
             layer_dyn = jax.tree.map(_gather_leaf, layer_dyn, gathers)
@@ -323,7 +325,9 @@ class Stacked(AbstractStack, Generic[Block]):
                     "an output of the same structure (use `stack.scan` for a block "
                     "returning `(x, y)`)."
                 )
-            return new_dyn, y
+            y_dyn, y_static = eqx.partition(y, eqx.is_array)
+            ys_static[:] = [y_static]
+            return new_dyn, y_dyn
 
         policy = _policy(self.remat, gathering=gather is not None)
         if policy is not None:
@@ -334,7 +338,7 @@ class Stacked(AbstractStack, Generic[Block]):
 
         x_dyn = typed_carry(body, x_dyn, (layers_dyn, per_dyn))
         out_dyn, ys = scan_typed(body, x_dyn, (layers_dyn, per_dyn))
-        return eqx.combine(out_dyn, x_static), ys
+        return eqx.combine(out_dyn, x_static), eqx.combine(ys, ys_static[0])
 
     def _gathers(self, gather: Any, layers_dyn: Any) -> Any:
         """For each array leaf of one layer: `(dimension, mesh axes)` pairs to gather

@@ -215,7 +215,7 @@ def test_fold_scan_index_and_unstack_equal_the_layers_one_by_one():
     # scan: per-layer outputs; PerLayer: per-layer inputs; the rest broadcast.
     def with_extras(block, x, scale, *, noise):
         out = block(x) * scale + noise
-        return out, out.sum()
+        return out, (out.sum(), "static")
 
     class Extra(eqx.Module):
         block: Block
@@ -225,10 +225,11 @@ def test_fold_scan_index_and_unstack_equal_the_layers_one_by_one():
 
     noise = jax.random.normal(jax.random.key(2), (5, 8, E))
     wrapped = eqpar.Stacked(Extra(stack.layers))
-    out, ys = wrapped.scan(x, 0.5, noise=eqpar.PerLayer(noise))
+    out, (ys, tag) = wrapped.scan(x, 0.5, noise=eqpar.PerLayer(noise))
+    assert tag == "static"
     ref, ref_ys = x, []
     for i, layer in enumerate(layers):
-        ref, y = with_extras(layer, ref, 0.5, noise=noise[i])
+        ref, (y, _) = with_extras(layer, ref, 0.5, noise=noise[i])
         ref_ys.append(y)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ys, jnp.stack(ref_ys), rtol=1e-5, atol=1e-5)
