@@ -17,5 +17,6 @@ BENCHMARKS = (
     "training",
     "pipeline",
     "fft",
+    "deep",
 )
 """Registered benchmarks, in the order the runner runs them."""

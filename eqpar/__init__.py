@@ -59,7 +59,9 @@ from ._placement_cache import (
     PlacementCacheInfo as PlacementCacheInfo,
 )
 from ._pmap import filter_pmap as filter_pmap
+from ._scan import filter_scan as filter_scan
 from ._shard_map import filter_shard_map as filter_shard_map
+from ._stacked import PerLayer as PerLayer, Stacked as Stacked
 from ._vmap import (
     chosen_chunk_size as chosen_chunk_size,
     filter_vmap as filter_vmap,

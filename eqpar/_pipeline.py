@@ -38,6 +38,7 @@ from ._collectives import axis_size, psum, ring_shift
 from ._errors import AxisSizeError, Checked, MeshError, SpecError, UnboundAxisError
 from ._runner import context_mesh, placed_spec
 from ._shard_map import filter_shard_map
+from ._stacked import Stacked
 from ._specs import AnyMesh, is_array, spec_axes
 from ._vma import AxisName, manual_axes, to_varying, typed, varying_axes
 
@@ -73,8 +74,9 @@ def pipeline(
 
     **Arguments:**
 
-    - `stack`: the layers, a pytree whose array leaves all have the layer axis `L`
-        in front, e.g. `eqx.filter_vmap(make_block)(jax.random.split(key, L))`.
+    - `stack`: the layers: an [`eqpar.Stacked`][], or any pytree whose array
+        leaves all have the layer axis `L` in front, e.g.
+        `eqx.filter_vmap(make_block)(jax.random.split(key, L))`.
         Its other leaves (activation functions, static fields) are shared by every
         layer. `L` must be a multiple of the number of stages `S`. Outside a
         transform that binds `stage_axis` it is split as `P(stage_axis)` (placed
@@ -134,6 +136,8 @@ def pipeline(
         assert jnp.allclose(y, h, atol=1e-5)
         ```
     """
+    if isinstance(stack, Stacked):  # its layers: the stack with the layer axis
+        stack = stack.layers
     m = _check_microbatches(microbatches)
     apply = _layer_fn(stack, fn)
     L = _layers(stack)

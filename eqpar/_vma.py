@@ -46,7 +46,8 @@ def varying_axes(x: Any) -> frozenset[Hashable]:
     """The manual mesh axes over which `x` may differ between devices (its VMA type).
 
     Empty for values that carry no type: outside `shard_map`, under `vmap`, or with
-    `check_vma=False`.
+    `check_vma=False`. `x` may also be a `jax.ShapeDtypeStruct` from
+    `jax.eval_shape`, which carries the type it was traced with.
 
     !!! example
 
@@ -64,6 +65,8 @@ def varying_axes(x: Any) -> frozenset[Hashable]:
         assert x_type == frozenset({"data"}) and w_type == frozenset()
         ```
     """
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return frozenset(x.manual_axis_type.varying)
     return jax.typeof(x).manual_axis_type.varying
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
+from jaxtyping import Array, Float
 
 import eqpar
 
@@ -1009,6 +1010,76 @@ ROWS = [
     ),
 ]
 
+
+# ------------------------- partition_specs and Stacked: nothing silent (issues 23, 26)
+
+
+class _Dense(eqx.Module):
+    w: Float[Array, "embed hidden"]
+    b: Float[Array, " hidden"]
+    x: Float[Array, "*batch hidden"]
+
+
+def _dense(w=(4, 8)):
+    return _Dense(jnp.ones(w), jnp.ones(8), jnp.ones((2, 3, 8)))
+
+
+def _suggested(msg: str) -> str:
+    return re.search(r"Did you mean '(\w+)'", msg).group(1)
+
+
+ROWS += [
+    Row(
+        "partition_specs/dims-name-matches-nothing",
+        lambda: eqpar.partition_specs(_dense(), dims={"hiden": "model"}),
+        eqpar.SpecError,
+        r"`dims` names 'hiden'.*Did you mean 'hidden'\?.*'embed', 'hidden'",
+        lambda msg: (
+            eqpar.partition_specs(_dense(), dims={_suggested(msg): "model"}).w,
+            P(None, "model"),
+        ),
+    ),
+    Row(
+        "partition_specs/paths-rule-matches-nothing",
+        lambda: eqpar.partition_specs(_dense(), paths=[(r"\.weight", P("model"))]),
+        eqpar.SpecError,
+        r"rule \('.*weight', P\('model',\)\) matches no array leaf.*\.w, \.b, \.x",
+    ),
+    Row(
+        "partition_specs/dims-names-a-variadic-dimension",
+        lambda: eqpar.partition_specs(_dense(), dims={"batch": "data"}),
+        eqpar.SpecError,
+        r"'batch', a variadic dimension \(`\*batch`\)",
+    ),
+    Row(
+        "partition_specs/rank-cannot-be-explained",
+        lambda: eqpar.partition_specs(_dense(w=(8,)), dims={"hidden": "model"}),
+        eqpar.SpecError,
+        r"array at \.w has shape \(8,\).*'embed hidden'.*`paths=\[\('\.w', P\(\)\)\]`",
+        lambda msg: (
+            eqpar.partition_specs(
+                _dense(w=(8,)), dims={"hidden": "model"}, paths=[(".w", P())]
+            ).b,
+            P("model"),
+        ),
+    ),
+    Row(
+        "Stacked/remat-not-a-policy",
+        lambda: eqpar.Stacked(
+            eqpar.Stacked.build(lambda k: _dense(), jnp.arange(2)), remat="yes"
+        ),
+        eqpar.SpecError,
+        r"`remat` is 'yes'.*`jax.checkpoint_policies`",
+    ),
+    Row(
+        "Stacked/gather-over-the-layer-axis",
+        lambda: eqpar.Stacked(
+            eqx.filter_vmap(lambda _: _dense(), axis_size=2)(jnp.arange(2))
+        ).fold(jnp.ones((2, 3, 8)), gather=P("data")),
+        eqpar.SpecError,
+        r"`gather` gives P\('data',\).*shards the layer axis",
+    ),
+]
 
 # Rows whose eqpar error belongs in files being rewritten (eqpar/_vmap.py, _pmap.py,
 # _jit.py, _dispatch.py): strict xfails, so that each turns into a failure to remove

@@ -22,6 +22,7 @@ SMALL = {  # the flags that make each example small enough for CI
     "model_parallel": ["--steps", "3"],
     "pallas_kernels": ["--steps", "2", "--batch", "16", "--width", "8"],
     "distributed_field": ["--size", "64", "--planes", "3"],
+    "deep_transformer": ["--steps", "2", "--batch", "8"],
 }
 WRITES = {  # what each example writes into --out (and nothing anywhere else)
     "microscope": ["microscope.png"],
@@ -33,6 +34,7 @@ WRITES = {  # what each example writes into --out (and nothing anywhere else)
     "model_parallel": [],
     "pallas_kernels": [],
     "distributed_field": ["distributed_field.png"],
+    "deep_transformer": ["checkpoints"],
 }
 
 

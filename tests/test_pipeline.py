@@ -385,3 +385,17 @@ def test_inside_filter_shard_map_a_replicated_stack_or_a_split_input_is_refused(
         run((P(), P()))  # every stage would run all 4 layers
     with pytest.raises(eqpar.SpecError, match="split over the stage axis 'stage'"):
         run((P("stage"), P("stage")))
+
+
+def test_a_stacked_module_is_pipelined_as_its_layers():
+    """An `eqpar.Stacked`, sharded over the stage axis by its own layer-axis name,
+    is pipelined as its layers: equal to its own fold and to the unstacked layers,
+    each device holding only its stage's layers."""
+    stacked = eqpar.Stacked(_stack(8))
+    specs = eqpar.partition_specs(stacked, dims={"layers": "stage"})
+    placed = eqpar.filter_device_put(stacked, specs, mesh=STAGES4)
+    assert placed.layers.w1.addressable_shards[0].data.shape == (2, D, 2 * D)
+    x = _inputs(16)
+    out = eqpar.pipeline(placed, x, microbatches=4, mesh=STAGES4)
+    assert_tree_allclose(out, stacked.fold(x), rtol=1e-5, atol=1e-5)
+    assert_tree_allclose(out, _fold(stacked.layers, x), rtol=1e-5, atol=1e-5)
