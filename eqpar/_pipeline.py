@@ -38,8 +38,8 @@ from ._collectives import axis_size, psum, ring_shift
 from ._errors import AxisSizeError, Checked, MeshError, SpecError, UnboundAxisError
 from ._runner import context_mesh, placed_spec
 from ._shard_map import filter_shard_map
-from ._stacked import Stacked
 from ._specs import AnyMesh, is_array, spec_axes
+from ._stacked import Stacked
 from ._vma import AxisName, manual_axes, to_varying, typed, varying_axes
 
 
