@@ -15,6 +15,7 @@ from ._specs import (
     check_int_axes,
     is_array,
     leaf_names,
+    Marker,
     resolve_call_specs,
     resolve_out_specs,
 )
@@ -22,8 +23,8 @@ from ._specs import (
 
 AxisSpec = int | None | Callable[[Any], int | None]
 
-_MAPPED = "mapped"
-_UNMAPPED = "unmapped"
+_MAPPED = Marker("<mapped output>")
+_UNMAPPED = Marker("<unmapped output>")
 
 
 def check_axis_size(axis_size: Any, who: str) -> None:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.extend.core import jaxpr_as_fun
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
@@ -23,6 +24,7 @@ from ._dispatch import (
     check_donate,
     Compiled,
     Donate,
+    Lowered,
     shared,
     Transformed,
     transformed,
@@ -37,8 +39,15 @@ from ._runner import (
     gather,
     run_shard_map,
 )
-from ._specs import check_int_axes, is_array, leaf_names, resolve_call_specs
-from ._vma import varying_axes
+from ._specs import (
+    check_int_axes,
+    is_array,
+    leaf_names,
+    Marker,
+    resolve_call_specs,
+    StaticCarrier,
+)
+from ._vma import names_axis, same_on_every_device, varying_axes
 
 
 # "concat" | "mean" | "first" | None | callable (a `str`, not a Literal: see Reduce in
@@ -61,7 +70,7 @@ class _BatchAxes:
 
 
 BATCH = _BatchAxes()
-_DEFAULT = object()
+_DEFAULT = Marker("<the default axis>")
 
 
 def _default_axes(fun: Any, args: tuple, kwargs: dict) -> list[Any]:
@@ -196,34 +205,43 @@ class _Parallel:
                 inputs.append(value)
                 specs.append(P(name))
         per_device_rows = total // mesh.shape[name]
+        same_in = [spec == P() for spec in specs]
         # Filled while JAX traces `per_device` (one list per trace: thread-safe).
         stacked: list[bool] = []  # per output array: a stack left to reduce
         out_specs: list[P] = []
 
-        def call(*blocks: Any) -> Any:
+        def call(*blocks: Any) -> list[Any]:
             new = list(leaves)
             for i, block in zip(where, blocks):
                 new[i] = block
             f, a, k = treedef.unflatten(new)
-            return f(*a, **k)
+            return carry.split(f(*a, **k))
+
+        carry = StaticCarrier()
 
         def per_device(*blocks: Any) -> Any:
+            # `fun` is traced once, into a program that is then read (does a
+            # collective see padded rows? which outputs are the same on every
+            # device?) and run.
+            closed = jax.make_jaxpr(call)(*blocks)
             if split.pad:  # padded rows must not reach a collective
-                _refuse_collectives(jax.make_jaxpr(call)(*blocks), name, split)
-            out = call(*blocks)
-            out_leaves, out_def = jtu.tree_flatten(out)
-            new_leaves = []
+                _refuse_collectives(closed, name, split)
+            if reduce in ("first", "mean") and not self.check_vma:
+                same = same_on_every_device(closed.jaxpr, same_in, name)
+            else:  # typed (check_vma=True: each output says), or not needed
+                same = [False] * len(closed.out_avals)
+            outs = jaxpr_as_fun(closed)(*blocks)
             stacked.clear()
             out_specs.clear()
-            for x in out_leaves:
-                if is_array(x):
-                    x, spec, is_stacked = _per_device_output(
-                        jnp.asarray(x), reduce, name, per_device_rows, self.check_vma
-                    )
-                    out_specs.append(spec)
-                    stacked.append(is_stacked)
+            new_leaves = []
+            for x, known_same in zip(outs, same):
+                x, spec, is_stacked = _per_device_output(
+                    x, reduce, name, per_device_rows, self.check_vma, known_same
+                )
+                out_specs.append(spec)
+                stacked.append(is_stacked)
                 new_leaves.append(x)
-            return out_def.unflatten(new_leaves)
+            return carry.merge(new_leaves)
 
         out = run_shard_map(
             per_device,
@@ -267,8 +285,8 @@ _LOCAL = frozenset({"axis_index", "pvary", "pcast"})
 
 def _refuse_collectives(jaxpr: Any, axis_name: Hashable, split: _Split) -> None:
     """Raises if the traced per-device function communicates over `axis_name`."""
-    found = _collective_over(jaxpr.jaxpr, axis_name)
-    if found is None:
+    found = names_axis(jaxpr.jaxpr, axis_name, _LOCAL)
+    if not found:
         return
     total = split.size + split.pad
     raise AxisSizeError(
@@ -281,25 +299,6 @@ def _refuse_collectives(jaxpr: Any, axis_name: Hashable, split: _Split) -> None:
         "mask the padded rows in the reduction (e.g. the `count=` of "
         "`eqpar.filter_value_and_grad_mean`), or reduce outside `fun`."
     )
-
-
-def _collective_over(jaxpr: Any, axis_name: Hashable) -> str | None:
-    """The name of a primitive in `jaxpr` (or a jaxpr inside it) that communicates
-    over `axis_name`, or None."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name not in _LOCAL:
-            for key in ("axes", "axis_name"):
-                axes = eqn.params.get(key)
-                if axes == axis_name or (isinstance(axes, tuple) and axis_name in axes):
-                    return eqn.primitive.name
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    found = _collective_over(inner, axis_name)
-                    if found is not None:
-                        return found
-    return None
 
 
 def _check_sizes(
@@ -342,6 +341,7 @@ def _per_device_output(
     axis_name: Hashable,
     per_device: int,
     check_vma: bool,
+    known_same: bool,
 ) -> tuple[Any, P, bool]:
     """One output leaf inside the per-device body: the value to return, its out_spec,
     and whether it comes back as a `(devices, ...)` stack still to be reduced.
@@ -350,13 +350,15 @@ def _per_device_output(
     the axis, e.g. after `pmean`) is that value: it leaves each device as it is, with
     no stack to build or communicate. A varying value is averaged in place with one
     all-reduce ("mean"), or stacked for device 0's to be taken ("first"). Without
-    replication types (`check_vma=False`) every value may vary.
+    replication types (`check_vma=False`), `known_same` says whether the traced
+    program shows the value to be the same on every device
+    (`_vma.same_on_every_device`).
     """
     if reduce == "concat":
         _check_concat(leaf, per_device)
         return leaf, P(axis_name), False
     if reduce in ("first", "mean"):
-        if check_vma and axis_name not in varying_axes(leaf):
+        if known_same or (check_vma and axis_name not in varying_axes(leaf)):
             return leaf, P(), False
         if reduce == "mean" and jnp.issubdtype(leaf.dtype, jnp.inexact):
             return jax.lax.pmean(leaf, axis_name), P(), False
@@ -534,3 +536,9 @@ class Parallel(eqx.Module):
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         return self._call(*args, **kwargs)
+
+    def lower(self, /, *args: Any, **kwargs: Any) -> Lowered:
+        """Lowers the call ahead of time, as `jax.jit(...).lower` does: returns an
+        object whose `.compile()` is a callable taking the same arguments (same
+        static values, shapes and placements)."""
+        return self._call.lower(*args, **kwargs)

@@ -20,7 +20,7 @@ from jax.extend.core import get_opaque_trace_state
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from ._errors import MeshError, SpecError
-from ._specs import AnyMesh, merge_leaves, split_leaves
+from ._specs import AnyMesh, StaticCarrier
 from ._vma import vmap_axis_error
 
 
@@ -48,15 +48,12 @@ def run_shard_map(
     # has run, which lets the specs follow an output structure unknown beforehand
     # (tests/test_shard_map.py pins this behaviour of JAX).
     specs: list[P] = []
-    structure: list[Any] = []
+    carry = StaticCarrier()
 
     def body(*blocks: Any) -> list[Any]:
         out = fun(*blocks)
-        leaves, treedef = jtu.tree_flatten(out)
-        arrays, signature = split_leaves(leaves)
         specs[:] = out_specs(out)
-        structure[:] = [treedef, signature]
-        return arrays
+        return carry.split(out)
 
     def call() -> Any:
         return jax.shard_map(
@@ -68,9 +65,7 @@ def run_shard_map(
             check_vma=check_vma,
         )(*inputs)
 
-    outs = _vmap_axis_errors(call, check_vma, mesh)
-    treedef, signature = structure
-    return treedef.unflatten(merge_leaves(signature, outs))
+    return carry.merge(_vmap_axis_errors(call, check_vma, mesh))
 
 
 def _vmap_axis_errors(call: Callable[[], Any], check_vma: bool, mesh: AnyMesh) -> Any:

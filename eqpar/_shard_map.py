@@ -34,6 +34,7 @@ from ._specs import (
     check_spec,
     is_array,
     leaf_names,
+    Marker,
     merge_leaves,
     REQUIRED,
     resolve_call_specs,
@@ -46,12 +47,7 @@ from ._vma import check_replicated
 SpecLeaf = P | None | Callable[[Any], P | None]
 
 
-class _Inferred:
-    def __repr__(self) -> str:
-        return "<read from each argument's placement>"
-
-
-INFERRED: Any = _Inferred()
+INFERRED: Any = Marker("<read from each argument's placement>")
 """`filter_shard_map`'s default `in_specs`: each array's spec is read from where it
 is placed."""
 

@@ -72,14 +72,21 @@ def is_concrete_array(x: Any) -> bool:
     return answer
 
 
-class _DynamicMarker:
-    __slots__ = ()
+class Marker:
+    """A named sentinel: stands for something among a tree's leaves (an array, a
+    function, a default), compared by identity, so no user value (not even a
+    string of the same name) is ever taken for it."""
+
+    __slots__ = ("_text",)
+
+    def __init__(self, text: str):
+        self._text = text
 
     def __repr__(self) -> str:
-        return "<array>"
+        return self._text
 
 
-DYNAMIC = _DynamicMarker()
+DYNAMIC = Marker("<array>")
 """Stands in for an array leaf in a call signature."""
 
 
@@ -102,6 +109,34 @@ def merge_leaves(signature: Sequence[Any], arrays: Sequence[Any]) -> list[Any]:
     """Inverse of `split_leaves`."""
     it = iter(arrays)
     return [next(it) if s is DYNAMIC else s for s in signature]
+
+
+class StaticCarrier:
+    """Carries an output's non-array leaves (any Python value) around a JAX
+    transform that only returns arrays (`shard_map`, `make_jaxpr`, a scan).
+
+    `split(out)`, inside the transformed function, returns the output's array
+    leaves and keeps its tree structure and other leaves; `merge(arrays)`, once
+    the transform has returned, rebuilds the output. One carrier per trace.
+    (Through `jax.jit` non-array outputs ride as pytree node data instead, so that
+    jit caches them with their trace: see `_dispatch/_program.py`.)
+    """
+
+    __slots__ = ("_structure",)
+
+    def __init__(self) -> None:
+        self._structure: tuple[Any, list[Any]] | None = None
+
+    def split(self, out: Any) -> list[Any]:
+        leaves, treedef = jtu.tree_flatten(out)
+        arrays, signature = split_leaves(leaves)
+        self._structure = (treedef, signature)
+        return arrays
+
+    def merge(self, arrays: Sequence[Any]) -> Any:
+        assert self._structure is not None, "merge before split"
+        treedef, signature = self._structure
+        return treedef.unflatten(merge_leaves(signature, arrays))
 
 
 # ----------------------------------------------------------------------------------
@@ -269,12 +304,7 @@ def resolve_call_specs(
     return resolved
 
 
-class _Required:
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-
-REQUIRED: Any = _Required()
+REQUIRED: Any = Marker("REQUIRED")
 
 
 def _check_given(spec: Any, name: str, what: str, n_args: int) -> None:
