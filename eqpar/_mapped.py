@@ -12,6 +12,7 @@ import jax.tree_util as jtu
 from ._errors import AxisSizeError, SpecError
 from ._keys import LEGACY, per_example_keys, SPLIT
 from ._specs import (
+    call_with,
     check_int_axes,
     is_array,
     leaf_names,
@@ -154,14 +155,10 @@ class MappedCall:
     ) -> tuple[list[Any], list[Any]]:
         """The call on one element. `broadcast`, when given, replaces the unmapped
         array leaves (e.g. by their per-device copies inside `shard_map`)."""
-        leaves = list(self.leaves)
-        for i, value in zip(self.index, mapped):
-            leaves[i] = value
+        index, values = self.index, list(mapped)
         if broadcast is not None:
-            for i, value in zip(self.broadcast_index, broadcast):
-                leaves[i] = value
-        fun, args, kwargs = jtu.tree_unflatten(self.treedef, leaves)
-        out = fun(*args, **kwargs)
+            index, values = index + self.broadcast_index, values + list(broadcast)
+        out = call_with(self.treedef, self.leaves, index, values)
         paths, out_def = jtu.tree_flatten_with_path(out)
         out_axes = resolve_out_specs(self.out_axes_spec, out, "out_axes", numbers=True)
         kinds, axes, mapped_out, unmapped_out, unmapped_paths = [], [], [], [], []

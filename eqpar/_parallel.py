@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from jax.extend.core import jaxpr_as_fun
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
 from ._dispatch import (
@@ -37,9 +37,11 @@ from ._runner import (
     check_shard_map_options,
     eager_autodiff_check,
     gather,
+    line_mesh,
     run_shard_map,
 )
 from ._specs import (
+    call_with,
     check_int_axes,
     is_array,
     leaf_names,
@@ -120,7 +122,7 @@ class _Parallel:
 
     def context(self, fun: Any, args: tuple, kwargs: dict) -> Mesh:
         del fun, args, kwargs
-        return _default_mesh(self.axis_name, tuple(jax.devices()))
+        return line_mesh(tuple(jax.devices()), self.axis_name)
 
     def split(self, fun: Any, args: tuple, kwargs: dict, mesh: Mesh) -> _Split:
         leaves = jtu.tree_leaves((fun, args, kwargs))
@@ -211,11 +213,7 @@ class _Parallel:
         out_specs: list[P] = []
 
         def call(*blocks: Any) -> list[Any]:
-            new = list(leaves)
-            for i, block in zip(where, blocks):
-                new[i] = block
-            f, a, k = treedef.unflatten(new)
-            return carry.split(f(*a, **k))
+            return carry.split(call_with(treedef, leaves, where, blocks))
 
         carry = StaticCarrier()
 
@@ -381,11 +379,6 @@ def _check_concat(leaf: Any, per_device: int) -> None:
         )
 
 
-@ft.lru_cache(maxsize=32)
-def _default_mesh(axis_name: Hashable, devices: tuple[Any, ...]) -> Mesh:
-    return Mesh(np.array(devices), (axis_name,), axis_types=(AxisType.Auto,))
-
-
 class Parallel(eqx.Module):
     """Runs `fun` data-parallel: the batch (axis 0 of every mapped argument) is split
     over the devices, `fun` runs once per device on its shard with `axis_name` bound,
@@ -405,9 +398,12 @@ class Parallel(eqx.Module):
             `check_vma=True` an output typed the same on every device (e.g.
             `pmean`-ed gradients or updated parameters) comes back as it is, with
             no stack built or moved: the cheap way to return a replicated model.
-            Under the default `check_vma=False` nothing is known to be the same
-            everywhere, so device 0's value is brought back (about one all-reduce
-            per output: `benchmarks/RESULTS.md`, training).
+            Under the default `check_vma=False` the same holds for every output
+            that the traced program shows to be the same on every device: one
+            computed only from broadcast inputs and from results of `psum`,
+            `pmean`, `pmax`, `pmin` or `all_gather` over the axis (parameters
+            updated with averaged gradients, a `pmean`-ed loss). Any other
+            output is stacked and device 0's value (or the mean) brought back.
         - a callable applied to each output's `(devices, ...)` stack.
         These last four need a batch that divides (pad it with `eqpar.pad_batch`).
         An empty batch gives empty outputs (as `jax.vmap` does).

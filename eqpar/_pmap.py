@@ -1,7 +1,6 @@
 """`filter_pmap`: one device per mapped element, as `jit(shard_map)` over a 1-D mesh
 (what `jax.pmap` itself now is), with `filter_vmap`'s mapped-call plumbing."""
 
-import functools as ft
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, overload
 
@@ -10,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
 from ._dispatch import (
@@ -33,16 +32,11 @@ from ._mapped import (
     require_size,
     resolve_axes,
 )
-from ._runner import run_shard_map
+from ._runner import line_mesh, run_shard_map
 from ._specs import is_array
 
 
 _DEFAULT_AXIS_NAME = "_eqpar_pmap"
-
-
-@ft.lru_cache(maxsize=64)
-def _mesh(devices: tuple[Any, ...], axis_name: Hashable) -> Mesh:
-    return Mesh(np.array(devices), (axis_name,), axis_types=(AxisType.Auto,))
 
 
 class _Pmap:
@@ -74,7 +68,7 @@ class _Pmap:
                 "instead (`filter_shard_map` with a `PartitionSpec`, or `filter_vmap` "
                 "inside `filter_pmap` over a reshaped batch)."
             )
-        return _mesh(tuple(available[:size]), self.axis_name)
+        return line_mesh(tuple(available[:size]), self.axis_name)
 
     def run(self, fun: Any, args: tuple, kwargs: dict, context: None) -> Any:
         del context

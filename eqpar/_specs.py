@@ -111,6 +111,28 @@ def merge_leaves(signature: Sequence[Any], arrays: Sequence[Any]) -> list[Any]:
     return [next(it) if s is DYNAMIC else s for s in signature]
 
 
+def replace_leaves(
+    treedef: Any, leaves: Sequence[Any], index: Sequence[int], values: Sequence[Any]
+) -> Any:
+    """`treedef` unflattened from `leaves`, with `leaves[i]` replaced by the
+    matching value for each `i` in `index`."""
+    new = list(leaves)
+    for i, value in zip(index, values):
+        new[i] = value
+    return treedef.unflatten(new)
+
+
+def call_with(
+    treedef: Any, leaves: Sequence[Any], index: Sequence[int], values: Sequence[Any]
+) -> Any:
+    """Calls the flattened call `(fun, args, kwargs)` (`treedef`, `leaves`) with
+    the leaves at `index` replaced by `values`: how every transform runs the
+    user's function on new leaves (a device's blocks, one mapped element, a chunk,
+    a microbatch)."""
+    fun, args, kwargs = replace_leaves(treedef, leaves, index, values)
+    return fun(*args, **kwargs)
+
+
 class StaticCarrier:
     """Carries an output's non-array leaves (any Python value) around a JAX
     transform that only returns arrays (`shard_map`, `make_jaxpr`, a scan).
@@ -478,3 +500,32 @@ def check_divides(
                 "number of real rows) and ignore the padded rows, or let "
                 f"`eqpar.Parallel` pad and trim for you.{more}"
             )
+
+
+def leaf_pspec(
+    spec: Any,
+    leaf: Any,
+    mesh: AnyMesh,
+    where: Callable[[], str],
+    what: str,
+    *,
+    whole: bool = True,
+    dimension: Callable[[int], str] | None = None,
+    more: str = "",
+) -> P:
+    """The one check of a resolved spec leaf for an array leaf: a `PartitionSpec`
+    (`None` is `P()`) over axes `mesh` has, each once, no longer than the array's
+    rank and, for a whole array (`whole=True`; `False` for a per-device block),
+    splitting each dimension evenly. `where()` names the leaf, `what` the option;
+    `dimension` and `more` as for `check_divides`."""
+    pspec = as_pspec(spec, where, what)
+    check_spec(pspec, mesh, where, what)
+    shape = tuple(np.shape(leaf))
+    if whole:
+        check_divides(pspec, shape, mesh, where, what, dimension, more)
+    elif len(pspec) > len(shape):
+        raise SpecError(
+            f"{what} gives {pspec} for {where()}, which has rank {len(shape)} per "
+            "shard: a spec may not be longer than the rank."
+        )
+    return pspec
