@@ -380,3 +380,32 @@ def test_parallel_traces_fun_once_for_a_padded_batch():
     out = eqpar.Parallel(counter)(jnp.arange(13.0))
     np.testing.assert_array_equal(out, jnp.arange(13.0) * 2.0)
     assert counter.count == 1
+
+
+# ----------------------------------------------------------------------------------
+# One home for meshes
+
+
+def test_one_axis_meshes_come_from_one_place():
+    devices = jax.devices()[::-1][:4]
+    mesh = eqpar.data_mesh("rows", devices)
+    assert list(mesh.devices) == devices  # in the order given
+    assert eqpar.data_mesh("rows", devices) is mesh  # built once
+    assert mesh.axis_types == (AxisType.Auto,)
+    explicit = eqpar.data_mesh("rows", devices, explicit=True)
+    assert explicit.axis_types == (AxisType.Explicit,)
+    x = jnp.arange(8.0)
+    # filter_pmap and Parallel's default mesh: the same builder, the same answers
+    np.testing.assert_array_equal(
+        eqpar.filter_pmap(lambda v: v * 2.0, devices=devices)(x[:4]), x[:4] * 2.0
+    )
+    np.testing.assert_array_equal(eqpar.Parallel(lambda v: v + 1.0)(x), x + 1.0)
+
+
+def test_no_context_mesh_is_one_error_everywhere():
+    from jax.sharding import PartitionSpec
+
+    with pytest.raises(eqpar.MeshError, match="no mesh is set"):
+        eqpar.filter_device_put(jnp.ones(8), PartitionSpec("data"))
+    with pytest.raises(eqpar.MeshError, match="no mesh is set"):
+        eqpar.filter_shard_map(lambda v: v, in_specs=P(), out_specs=P())(jnp.ones(8))
