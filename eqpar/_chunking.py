@@ -48,7 +48,8 @@ DEFAULT_CPU_BUDGET = 2**30
 """`memory_budget=None` on a backend that reports no memory limit (CPU): 1 GiB."""
 
 MAX_CHOICES = 256
-"""Chunk choices cached per `filter_vmap` option set (least recently used dropped first)."""
+"""Chunk choices cached per `filter_vmap` option set (least recently used out
+first)."""
 
 _MAX_PROBES = 6
 

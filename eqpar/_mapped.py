@@ -129,9 +129,12 @@ class MappedCall:
         in_axes: Any,
         out_axes: Any,
         axis_size: int | None,
+        resolved: tuple[list[Any], list[int], int | None] | None = None,
     ):
         self.leaves, self.treedef = jtu.tree_flatten((fun, args, kwargs))
-        axes, keys, size = resolve_axes(fun, args, kwargs, in_axes, axis_size)
+        if resolved is None:
+            resolved = resolve_axes(fun, args, kwargs, in_axes, axis_size)
+        axes, keys, size = list(resolved[0]), resolved[1], resolved[2]
         # None: nothing is mapped and no size was given (see `require_size`).
         self.size: int | None = size
         for i in keys:  # one key per example, by its index: the same in any chunk

@@ -21,6 +21,7 @@ from jaxtyping import PyTree
 
 from ._dispatch import (
     Backend,
+    Bounded,
     check_donate,
     Compiled,
     Donate,
@@ -41,6 +42,7 @@ from ._runner import (
     run_shard_map,
 )
 from ._specs import (
+    abstract_signature,
     call_with,
     check_int_axes,
     is_array,
@@ -103,6 +105,10 @@ class _Split(NamedTuple):
     pad: int  # padded examples (repeats of the last one), trimmed afterwards
 
 
+MAX_SPLITS = 64
+"""Call signatures per `Parallel` option set whose batch split is remembered."""
+
+
 class _Parallel:
     """`Parallel`'s backend for one set of options."""
 
@@ -119,13 +125,28 @@ class _Parallel:
         self.in_axes = in_axes
         self.mesh = mesh
         self.check_vma = check_vma
+        self._splits: Bounded[_Split] = Bounded(MAX_SPLITS)
 
     def context(self, fun: Any, args: tuple, kwargs: dict) -> Mesh:
         del fun, args, kwargs
         return line_mesh(tuple(jax.devices()), self.axis_name)
 
     def split(self, fun: Any, args: tuple, kwargs: dict, mesh: Mesh) -> _Split:
+        """How this call's batch splits: resolved once per signature (before the
+        call, to place the inputs) and found again while it is traced, so that
+        callables in `in_axes` run once."""
         leaves = jtu.tree_leaves((fun, args, kwargs))
+        key = (abstract_signature((fun, args, kwargs)), mesh)
+        found = self._splits.get(key)
+        if found is not None:
+            return found._replace(leaves=leaves)
+        split = self._split(fun, args, kwargs, mesh, leaves)
+        self._splits.put(key, split._replace(leaves=[]))  # no arrays kept
+        return split
+
+    def _split(
+        self, fun: Any, args: tuple, kwargs: dict, mesh: Mesh, leaves: list[Any]
+    ) -> _Split:
         axes = resolve_call_specs(
             self.in_axes, fun, args, kwargs, default=BATCH, what="in_axes"
         )

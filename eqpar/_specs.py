@@ -133,6 +133,22 @@ def call_with(
     return fun(*args, **kwargs)
 
 
+def abstract_signature(tree: Any) -> Any:
+    """What a spec callable can see of `tree`: its structure, each array leaf's
+    shape and dtype, and the other leaves' values. The same for concrete arrays
+    and for the tracers that stand for them in their trace, so specs resolved
+    before a call (to place its inputs) are found again while it is traced, and
+    a user's callable spec runs once per signature. Raises `TypeError` for an
+    unhashable static leaf."""
+    leaves, treedef = jtu.tree_flatten(tree)
+    out = (
+        treedef,
+        tuple((np.shape(x), x.dtype) if is_array(x) else (type(x), x) for x in leaves),
+    )
+    hash(out)
+    return out
+
+
 class StaticCarrier:
     """Carries an output's non-array leaves (any Python value) around a JAX
     transform that only returns arrays (`shard_map`, `make_jaxpr`, a scan).

@@ -409,3 +409,26 @@ def test_no_context_mesh_is_one_error_everywhere():
         eqpar.filter_device_put(jnp.ones(8), PartitionSpec("data"))
     with pytest.raises(eqpar.MeshError, match="no mesh is set"):
         eqpar.filter_shard_map(lambda v: v, in_specs=P(), out_specs=P())(jnp.ones(8))
+
+
+# ----------------------------------------------------------------------------------
+# User callables in in_axes run once per call signature
+
+
+def test_a_callable_in_axes_runs_once_per_signature():
+    seen = []
+
+    def batch_axis(leaf):
+        seen.append(leaf.shape)
+        return 0
+
+    x = jnp.arange(16.0).reshape(8, 2)
+    par = eqpar.Parallel(lambda v: v * 2.0, in_axes=batch_axis)
+    np.testing.assert_array_equal(par(x), x * 2.0)
+    assert seen == [(8, 2)]
+    par(x)
+    assert seen == [(8, 2)]  # the same signature: nothing resolved again
+    pmapped = eqpar.filter_pmap(lambda v: v + 1.0, in_axes=batch_axis)
+    seen.clear()
+    np.testing.assert_array_equal(pmapped(x), x + 1.0)
+    assert seen == [(8, 2)]
