@@ -112,6 +112,9 @@ _CALLS = frozenset(
 )
 """Primitives that call one inner program once, inputs to inputs and outputs to
 outputs: their outputs are read from that program."""
+_OWN_STATE = frozenset({"rng_uniform", "io_callback"})
+"""Primitives whose outputs may differ between devices for the same inputs (a
+stateful generator, a host callback with effects)."""
 
 
 def same_on_every_device(
@@ -125,10 +128,11 @@ def same_on_every_device(
     it comes out of a collective that makes it so (`psum`, `pmax`, `pmin`,
     `all_gather` over the axis: every device gets the identical result).
     `axis_index`, `ppermute`, `all_to_all`, `psum_scatter` over the axis make it
-    differ. Loops, branches and anything else not known are read conservatively:
-    their outputs differ if any input does or if the axis is named inside. "Not
-    certain" is always a safe answer (the caller then treats the value as per
-    device).
+    differ, and so do a stateful generator and a host `io_callback`. Loops,
+    branches and anything else not known are read conservatively: their outputs
+    differ if any input does, or if the axis is named (or such a primitive called)
+    inside. "Not certain" is always a safe answer (the caller then treats the
+    value as per device).
     """
     env: dict[Any, bool] = {}
 
@@ -142,7 +146,9 @@ def same_on_every_device(
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         name = eqn.primitive.name
-        if axis_name in _named_axes(eqn.params):
+        if name in _OWN_STATE:
+            outs = [False] * len(eqn.outvars)
+        elif axis_name in _named_axes(eqn.params):
             if name in _SAME_AFTER:
                 outs = [True] * len(eqn.outvars)
             elif name in _IDENTITY:
@@ -156,11 +162,9 @@ def same_on_every_device(
                 if len(sub.invars) == len(ins) and len(sub.outvars) == len(eqn.outvars):
                     outs = same_on_every_device(sub, ins, axis_name)
                 else:
-                    outs = [all(ins) and not names_axis(sub, axis_name)] * len(
-                        eqn.outvars
-                    )
+                    outs = [all(ins) and not _unsure(sub, axis_name)] * len(eqn.outvars)
             else:
-                same = all(ins) and not any(names_axis(s, axis_name) for s in inner)
+                same = all(ins) and not any(_unsure(s, axis_name) for s in inner)
                 outs = [same] * len(eqn.outvars)
         for v, same in zip(eqn.outvars, outs):
             env[v] = same
@@ -179,6 +183,17 @@ def names_axis(jaxpr: Any, axis_name: Hashable, local: frozenset = frozenset()) 
             if found:
                 return found
     return ""
+
+
+def _unsure(jaxpr: Any, axis_name: Hashable) -> bool:
+    """Whether `jaxpr` (or a program inside it) names `axis_name` or calls a
+    primitive of `_OWN_STATE`."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _OWN_STATE or axis_name in _named_axes(eqn.params):
+            return True
+        if any(_unsure(sub, axis_name) for sub in _inner_programs(eqn.params)):
+            return True
+    return False
 
 
 def _named_axes(params: dict) -> tuple[Any, ...]:

@@ -432,3 +432,34 @@ def test_a_callable_in_axes_runs_once_per_signature():
     seen.clear()
     np.testing.assert_array_equal(pmapped(x), x + 1.0)
     assert seen == [(8, 2)]
+
+
+def test_what_is_the_same_on_every_device_is_read_conservatively():
+    from eqpar._vma import same_on_every_device
+
+    def host(v):
+        return np.float32(0.0)
+
+    def f(w, x):
+        callback = jax.experimental.io_callback(
+            host, jax.ShapeDtypeStruct((), jnp.float32), w.sum(), ordered=False
+        )
+        summed = jax.lax.psum(x, "devices")
+        branched = jax.lax.cond(w.sum() > 0, lambda: w * 2.0, lambda: w)
+        varying_inside = jax.lax.cond(
+            w.sum() > 0,
+            lambda: w + jax.lax.axis_index("devices").astype(jnp.float32),
+            lambda: w,
+        )
+        return callback, summed, w * 3.0, x, branched, varying_inside
+
+    w, x = jnp.ones(3), jnp.ones(3)
+    closed = jax.make_jaxpr(f, axis_env=[("devices", N)])(w, x)
+    assert same_on_every_device(closed.jaxpr, [True, False], "devices") == [
+        False,  # a host callback may answer each device differently
+        True,  # psum over the axis
+        True,  # from a broadcast input
+        False,  # the device's own block
+        True,  # a branch on broadcast values
+        False,  # a branch that reads the device index
+    ]
