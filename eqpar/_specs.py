@@ -16,6 +16,8 @@ leaf's shape or dtype, and the compiled cache keys on shapes for free.
 
 import inspect
 import math
+import types
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -138,15 +140,20 @@ def abstract_signature(tree: Any) -> Any:
     shape and dtype, and the other leaves' values. The same for concrete arrays
     and for the tracers that stand for them in their trace, so specs resolved
     before a call (to place its inputs) are found again while it is traced, and
-    a user's callable spec runs once per signature. Raises `TypeError` for an
-    unhashable static leaf."""
+    a user's callable spec runs once per signature. Plain functions are held
+    weakly. Raises `TypeError` for an unhashable static leaf."""
     leaves, treedef = jtu.tree_flatten(tree)
-    out = (
-        treedef,
-        tuple((np.shape(x), x.dtype) if is_array(x) else (type(x), x) for x in leaves),
-    )
+    out = (treedef, tuple(map(_abstract_leaf, leaves)))
     hash(out)
     return out
+
+
+def _abstract_leaf(x: Any) -> Any:
+    if is_array(x):
+        return (np.shape(x), x.dtype)
+    if type(x) is types.FunctionType:  # held weakly, as programs hold functions:
+        return weakref.ref(x)  # a dead one's entry matches no other function
+    return (type(x), x)
 
 
 class StaticCarrier:
