@@ -31,7 +31,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding
 from jaxtyping import PyTree
 
-from ._errors import Checked, CheckpointError, MeshError, SpecError, warn
+from ._errors import Checked, CheckpointError, SpecError, warn
+from ._runner import concrete_context_mesh
 from ._specs import spread_prefix
 
 
@@ -161,13 +162,10 @@ def _target_sharding(x: Any, spec: Any, mesh: Mesh | None, name: str) -> Shardin
             return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if isinstance(spec, P):
         if mesh is None:
-            mesh = jax.sharding.get_mesh()
-            if mesh.empty:
-                raise MeshError(
-                    f"CheckpointManager.restore: the leaf at {name} is to be placed "
-                    f"by the PartitionSpec {spec}, but there is no mesh: pass "
-                    "`mesh=...` or use `with jax.set_mesh(mesh):`."
-                )
+            mesh = concrete_context_mesh(
+                f"CheckpointManager.restore (placing the leaf at {name} by the "
+                f"PartitionSpec {spec})"
+            )
         try:
             spec = NamedSharding(mesh, spec)
         except (ValueError, TypeError) as e:

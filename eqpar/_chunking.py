@@ -19,7 +19,6 @@ cost and the per-example slope; the predicted chunk is compiled once more to con
 it (at most a few compiles, once per call signature, then cached).
 """
 
-import collections
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax.extend.core import jaxpr_as_fun
 
+from ._dispatch import Bounded
 from ._errors import EqparError, EqparWarning, SpecError
 from ._mapped import MappedCall
 from ._specs import is_array
@@ -48,7 +48,8 @@ DEFAULT_CPU_BUDGET = 2**30
 """`memory_budget=None` on a backend that reports no memory limit (CPU): 1 GiB."""
 
 MAX_CHOICES = 256
-"""Chunk choices cached per `filter_vmap` option set (oldest dropped first)."""
+"""Chunk choices cached per `filter_vmap` option set (least recently used out
+first)."""
 
 _MAX_PROBES = 6
 
@@ -371,14 +372,14 @@ def choose_chunk(call: MappedCall, size: int, budget: int) -> ChunkChoice:
 
 class ChunkCache:
     """Chunk choices per call signature (tree structure, static leaves, shapes and
-    dtypes of the array leaves, specs), bounded, oldest dropped first."""
+    dtypes of the array leaves, specs), in a `Bounded` table (least recently used
+    dropped first). A choice is measured outside any lock (it compiles); two
+    threads that ask at once may both measure, and the last one is kept."""
 
     def __init__(self, memory_budget: int | float | None):
         self.memory_budget = memory_budget
         self._budget: int | None = None
-        self._choices: collections.OrderedDict[Hashable, ChunkChoice] = (
-            collections.OrderedDict()
-        )
+        self._choices: Bounded[ChunkChoice] = Bounded(MAX_CHOICES)
 
     def budget(self) -> int:
         if self._budget is None:
@@ -388,13 +389,9 @@ class ChunkCache:
     def choose(self, call: MappedCall, size: int, who: str) -> ChunkChoice:
         key = _signature(call)
         if key is not None:
-            try:
-                choice = self._choices[key]
-            except KeyError:
-                pass
-            else:
-                self._choices.move_to_end(key)
-                return choice
+            found = self._choices.get(key)
+            if found is not None:
+                return found
         budget = self.budget()
         choice = choose_chunk(call, size, budget)
         if not choice.fits:
@@ -419,9 +416,7 @@ class ChunkCache:
             {c: _fmt(t) for c, t in sorted(choice.probes.items())},
         )
         if key is not None:
-            if len(self._choices) >= MAX_CHOICES:
-                self._choices.popitem(last=False)
-            self._choices[key] = choice
+            self._choices.put(key, choice)
         return choice
 
 

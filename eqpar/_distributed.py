@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
 from ._errors import Checked, MeshError, SpecError
+from ._runner import concrete_context_mesh
 from ._specs import is_array
 
 
@@ -236,12 +237,7 @@ def _int_env(name: str) -> int | None:
 
 def _spec_and_mesh(spec: P | None, mesh: Mesh | None) -> tuple[P, Mesh]:
     if mesh is None:
-        mesh = jax.sharding.get_mesh()
-        if mesh.empty:
-            raise MeshError(
-                "No mesh: pass `mesh=` or set one with `jax.set_mesh` (e.g. "
-                "`eqpar.data_mesh()`, which spans every process's devices)."
-            )
+        mesh = concrete_context_mesh("global_batch / local_batch / gather")
     if spec is None:
         spec = P(mesh.axis_names[0])
     if not isinstance(spec, P):

@@ -12,6 +12,7 @@ from typing import Any, overload
 
 from ._dispatch import (
     Backend,
+    Bounded,
     check_donate,
     Compiled,
     decorator_or_call,
@@ -84,11 +85,11 @@ def filter_jit(
     if caller is None:
         donate = check_donate(donate)
         caller = shared("jit", donate, lambda: Compiled(_BACKEND, donate=donate))
-        _CALLERS[donate] = caller
+        _CALLERS.put(donate, caller)
     if type(fun) is FunctionType:
         return transformed(fun, caller)
     return decorator_or_call(fun, lambda f: transformed(f, caller), "filter_jit")
 
 
-# `donate` -> the shared caller: at most five entries (see `shared`).
-_CALLERS: dict[str, Compiled] = {}
+# `donate` -> the shared caller (five values: checked before one is put in).
+_CALLERS: Bounded[Compiled] = Bounded(8)

@@ -12,9 +12,11 @@ import jax.tree_util as jtu
 from ._errors import AxisSizeError, SpecError
 from ._keys import LEGACY, per_example_keys, SPLIT
 from ._specs import (
+    call_with,
     check_int_axes,
     is_array,
     leaf_names,
+    Marker,
     resolve_call_specs,
     resolve_out_specs,
 )
@@ -22,8 +24,8 @@ from ._specs import (
 
 AxisSpec = int | None | Callable[[Any], int | None]
 
-_MAPPED = "mapped"
-_UNMAPPED = "unmapped"
+_MAPPED = Marker("<mapped output>")
+_UNMAPPED = Marker("<unmapped output>")
 
 
 def check_axis_size(axis_size: Any, who: str) -> None:
@@ -127,9 +129,12 @@ class MappedCall:
         in_axes: Any,
         out_axes: Any,
         axis_size: int | None,
+        resolved: tuple[list[Any], list[int], int | None] | None = None,
     ):
         self.leaves, self.treedef = jtu.tree_flatten((fun, args, kwargs))
-        axes, keys, size = resolve_axes(fun, args, kwargs, in_axes, axis_size)
+        if resolved is None:
+            resolved = resolve_axes(fun, args, kwargs, in_axes, axis_size)
+        axes, keys, size = list(resolved[0]), resolved[1], resolved[2]
         # None: nothing is mapped and no size was given (see `require_size`).
         self.size: int | None = size
         for i in keys:  # one key per example, by its index: the same in any chunk
@@ -153,14 +158,10 @@ class MappedCall:
     ) -> tuple[list[Any], list[Any]]:
         """The call on one element. `broadcast`, when given, replaces the unmapped
         array leaves (e.g. by their per-device copies inside `shard_map`)."""
-        leaves = list(self.leaves)
-        for i, value in zip(self.index, mapped):
-            leaves[i] = value
+        index, values = self.index, list(mapped)
         if broadcast is not None:
-            for i, value in zip(self.broadcast_index, broadcast):
-                leaves[i] = value
-        fun, args, kwargs = jtu.tree_unflatten(self.treedef, leaves)
-        out = fun(*args, **kwargs)
+            index, values = index + self.broadcast_index, values + list(broadcast)
+        out = call_with(self.treedef, self.leaves, index, values)
         paths, out_def = jtu.tree_flatten_with_path(out)
         out_axes = resolve_out_specs(self.out_axes_spec, out, "out_axes", numbers=True)
         kinds, axes, mapped_out, unmapped_out, unmapped_paths = [], [], [], [], []

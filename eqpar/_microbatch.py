@@ -27,7 +27,7 @@ from jax.extend.core import jaxpr_as_fun
 
 from ._chunking import initial_buffer
 from ._errors import AxisSizeError, SpecError
-from ._specs import is_array
+from ._specs import is_array, replace_leaves
 
 
 def check_microbatch(microbatch: Any, who: str) -> None:
@@ -101,15 +101,13 @@ def accumulate(
     real = jnp.asarray(size if count is None else count, jnp.float32)
 
     def rows(start: Any, n: int, dynamic: bool) -> tuple[tuple, dict]:
-        new = list(leaves)
-        for i in index:
-            x = leaves[i]
-            new[i] = (
-                jax.lax.dynamic_slice_in_dim(x, start, n)
-                if dynamic
-                else jax.lax.slice_in_dim(x, start, start + n)
-            )
-        return jtu.tree_unflatten(treedef, new)
+        sliced = [
+            jax.lax.dynamic_slice_in_dim(leaves[i], start, n)
+            if dynamic
+            else jax.lax.slice_in_dim(leaves[i], start, start + n)
+            for i in index
+        ]
+        return replace_leaves(treedef, leaves, index, sliced)
 
     def weighted(start: Any, n: int, a: tuple, k: dict) -> tuple[Any, Any, Any]:
         """This microbatch's value and gradient, weighted by its share of the

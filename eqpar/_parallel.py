@@ -15,14 +15,17 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.extend.core import jaxpr_as_fun
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
 from ._dispatch import (
     Backend,
+    Bounded,
     check_donate,
     Compiled,
     Donate,
+    Lowered,
     shared,
     Transformed,
     transformed,
@@ -35,10 +38,20 @@ from ._runner import (
     check_shard_map_options,
     eager_autodiff_check,
     gather,
+    line_mesh,
     run_shard_map,
 )
-from ._specs import check_int_axes, is_array, leaf_names, resolve_call_specs
-from ._vma import varying_axes
+from ._specs import (
+    abstract_signature,
+    call_with,
+    check_int_axes,
+    is_array,
+    leaf_names,
+    Marker,
+    resolve_call_specs,
+    StaticCarrier,
+)
+from ._vma import names_axis, same_on_every_device, varying_axes
 
 
 # "concat" | "mean" | "first" | None | callable (a `str`, not a Literal: see Reduce in
@@ -61,7 +74,7 @@ class _BatchAxes:
 
 
 BATCH = _BatchAxes()
-_DEFAULT = object()
+_DEFAULT = Marker("<the default axis>")
 
 
 def _default_axes(fun: Any, args: tuple, kwargs: dict) -> list[Any]:
@@ -92,6 +105,10 @@ class _Split(NamedTuple):
     pad: int  # padded examples (repeats of the last one), trimmed afterwards
 
 
+MAX_SPLITS = 64
+"""Call signatures per `Parallel` option set whose batch split is remembered."""
+
+
 class _Parallel:
     """`Parallel`'s backend for one set of options."""
 
@@ -108,13 +125,28 @@ class _Parallel:
         self.in_axes = in_axes
         self.mesh = mesh
         self.check_vma = check_vma
+        self._splits: Bounded[_Split] = Bounded(MAX_SPLITS)
 
     def context(self, fun: Any, args: tuple, kwargs: dict) -> Mesh:
         del fun, args, kwargs
-        return _default_mesh(self.axis_name, tuple(jax.devices()))
+        return line_mesh(tuple(jax.devices()), self.axis_name)
 
     def split(self, fun: Any, args: tuple, kwargs: dict, mesh: Mesh) -> _Split:
+        """How this call's batch splits: resolved once per signature (before the
+        call, to place the inputs) and found again while it is traced, so that
+        callables in `in_axes` run once."""
         leaves = jtu.tree_leaves((fun, args, kwargs))
+        key = (abstract_signature((fun, args, kwargs)), mesh)
+        found = self._splits.get(key)
+        if found is not None:
+            return found._replace(leaves=leaves)
+        split = self._split(fun, args, kwargs, mesh, leaves)
+        self._splits.put(key, split._replace(leaves=[]))  # no arrays kept
+        return split
+
+    def _split(
+        self, fun: Any, args: tuple, kwargs: dict, mesh: Mesh, leaves: list[Any]
+    ) -> _Split:
         axes = resolve_call_specs(
             self.in_axes, fun, args, kwargs, default=BATCH, what="in_axes"
         )
@@ -196,38 +228,45 @@ class _Parallel:
                 inputs.append(value)
                 specs.append(P(name))
         per_device_rows = total // mesh.shape[name]
+        same_in = [spec == P() for spec in specs]
         # Filled while JAX traces `per_device` (one list per trace: thread-safe).
         stacked: list[bool] = []  # per output array: a stack left to reduce
         reductions: list[Any] = []  # per output array: its reduction
         out_specs: list[P] = []
 
-        def call(*blocks: Any) -> Any:
-            new = list(leaves)
-            for i, block in zip(where, blocks):
-                new[i] = block
-            f, a, k = treedef.unflatten(new)
-            return f(*a, **k)
+        def call(*blocks: Any) -> list[Any]:
+            out = call_with(treedef, leaves, where, blocks)
+            per_leaf = reductions_per_leaf(reduce, out, _is_one, "Parallel")
+            reductions[:] = [
+                r for (r, _), x in zip(per_leaf, jtu.tree_leaves(out)) if is_array(x)
+            ]
+            return carry.split(out)
+
+        carry = StaticCarrier()
 
         def per_device(*blocks: Any) -> Any:
+            # `fun` is traced once, into a program that is then read (does a
+            # collective see padded rows? which outputs are the same on every
+            # device?) and run.
+            closed = jax.make_jaxpr(call)(*blocks)
             if split.pad:  # padded rows must not reach a collective
-                _refuse_collectives(jax.make_jaxpr(call)(*blocks), name, split)
-            out = call(*blocks)
-            out_leaves, out_def = jtu.tree_flatten(out)
-            per_leaf = reductions_per_leaf(reduce, out, _is_one, "Parallel")
-            new_leaves = []
+                _refuse_collectives(closed, name, split)
+            if not self.check_vma and any(r in ("first", "mean") for r in reductions):
+                same = same_on_every_device(closed.jaxpr, same_in, name)
+            else:  # typed (check_vma=True: each output says), or not needed
+                same = [False] * len(closed.out_avals)
+            outs = jaxpr_as_fun(closed)(*blocks)
             stacked.clear()
-            reductions.clear()
             out_specs.clear()
-            for x, (r, _) in zip(out_leaves, per_leaf):
-                if is_array(x):
-                    x, spec, is_stacked = _per_device_output(
-                        jnp.asarray(x), r, name, per_device_rows, self.check_vma
-                    )
-                    out_specs.append(spec)
-                    stacked.append(is_stacked)
-                    reductions.append(r)
+            new_leaves = []
+            for x, r, known_same in zip(outs, reductions, same):
+                x, spec, is_stacked = _per_device_output(
+                    x, r, name, per_device_rows, self.check_vma, known_same
+                )
+                out_specs.append(spec)
+                stacked.append(is_stacked)
                 new_leaves.append(x)
-            return out_def.unflatten(new_leaves)
+            return carry.merge(new_leaves)
 
         out = run_shard_map(
             per_device,
@@ -284,8 +323,8 @@ _LOCAL = frozenset({"axis_index", "pvary", "pcast"})
 
 def _refuse_collectives(jaxpr: Any, axis_name: Hashable, split: _Split) -> None:
     """Raises if the traced per-device function communicates over `axis_name`."""
-    found = _collective_over(jaxpr.jaxpr, axis_name)
-    if found is None:
+    found = names_axis(jaxpr.jaxpr, axis_name, _LOCAL)
+    if not found:
         return
     total = split.size + split.pad
     raise AxisSizeError(
@@ -298,25 +337,6 @@ def _refuse_collectives(jaxpr: Any, axis_name: Hashable, split: _Split) -> None:
         "mask the padded rows in the reduction (e.g. the `count=` of "
         "`eqpar.filter_value_and_grad_mean`), or reduce outside `fun`."
     )
-
-
-def _collective_over(jaxpr: Any, axis_name: Hashable) -> str | None:
-    """The name of a primitive in `jaxpr` (or a jaxpr inside it) that communicates
-    over `axis_name`, or None."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name not in _LOCAL:
-            for key in ("axes", "axis_name"):
-                axes = eqn.params.get(key)
-                if axes == axis_name or (isinstance(axes, tuple) and axis_name in axes):
-                    return eqn.primitive.name
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    found = _collective_over(inner, axis_name)
-                    if found is not None:
-                        return found
-    return None
 
 
 def _check_sizes(
@@ -359,6 +379,7 @@ def _per_device_output(
     axis_name: Hashable,
     per_device: int,
     check_vma: bool,
+    known_same: bool,
 ) -> tuple[Any, P, bool]:
     """One output leaf inside the per-device body: the value to return, its out_spec,
     and whether it comes back as a `(devices, ...)` stack still to be reduced.
@@ -367,13 +388,15 @@ def _per_device_output(
     the axis, e.g. after `pmean`) is that value: it leaves each device as it is, with
     no stack to build or communicate. A varying value is averaged in place with one
     all-reduce ("mean"), or stacked for device 0's to be taken ("first"). Without
-    replication types (`check_vma=False`) every value may vary.
+    replication types (`check_vma=False`), `known_same` says whether the traced
+    program shows the value to be the same on every device
+    (`_vma.same_on_every_device`).
     """
     if reduce == "concat":
         _check_concat(leaf, per_device)
         return leaf, P(axis_name), False
     if reduce in ("first", "mean"):
-        if check_vma and axis_name not in varying_axes(leaf):
+        if known_same or (check_vma and axis_name not in varying_axes(leaf)):
             return leaf, P(), False
         if reduce == "mean" and jnp.issubdtype(leaf.dtype, jnp.inexact):
             return jax.lax.pmean(leaf, axis_name), P(), False
@@ -396,11 +419,6 @@ def _check_concat(leaf: Any, per_device: int) -> None:
         )
 
 
-@ft.lru_cache(maxsize=32)
-def _default_mesh(axis_name: Hashable, devices: tuple[Any, ...]) -> Mesh:
-    return Mesh(np.array(devices), (axis_name,), axis_types=(AxisType.Auto,))
-
-
 class Parallel(eqx.Module):
     """Runs `fun` data-parallel: the batch (axis 0 of every mapped argument) is split
     over the devices, `fun` runs once per device on its shard with `axis_name` bound,
@@ -420,9 +438,12 @@ class Parallel(eqx.Module):
             `check_vma=True` an output typed the same on every device (e.g.
             `pmean`-ed gradients or updated parameters) comes back as it is, with
             no stack built or moved: the cheap way to return a replicated model.
-            Under the default `check_vma=False` nothing is known to be the same
-            everywhere, so device 0's value is brought back (about one all-reduce
-            per output: `benchmarks/RESULTS.md`, training).
+            Under the default `check_vma=False` the same holds for every output
+            that the traced program shows to be the same on every device: one
+            computed only from broadcast inputs and from results of `psum`,
+            `pmean`, `pmax`, `pmin` or `all_gather` over the axis (parameters
+            updated with averaged gradients, a `pmean`-ed loss). Any other
+            output is stacked and device 0's value (or the mean) brought back.
         - a callable applied to each output's `(devices, ...)` stack.
         - a pytree prefix of the outputs with those at its leaves, one per output
             (or subtree), e.g. `{"loss": "mean", "pred": "concat"}` for a `fun`
@@ -559,3 +580,9 @@ class Parallel(eqx.Module):
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         return self._call(*args, **kwargs)
+
+    def lower(self, /, *args: Any, **kwargs: Any) -> Lowered:
+        """Lowers the call ahead of time, as `jax.jit(...).lower` does: returns an
+        object whose `.compile()` is a callable taking the same arguments (same
+        static values, shapes and placements)."""
+        return self._call.lower(*args, **kwargs)

@@ -19,14 +19,12 @@ from jaxtyping import PyTree
 
 from ._errors import AxisSizeError, Checked, MeshError, SpecError
 from ._model_sharding import describe_dimension
-from ._runner import context_mesh
+from ._runner import context_mesh, line_mesh
 from ._specs import (
     AnyMesh,
-    as_pspec,
     broadcast_specs,
-    check_divides,
-    check_spec,
     is_array,
+    leaf_pspec,
     spec_axes,
     spread_prefix,
 )
@@ -79,8 +77,7 @@ def data_mesh(
     devs = list(jax.devices() if devices is None else devices)
     if not devs:
         raise MeshError("`devices` must be non-empty (or None for all devices).")
-    kind = AxisType.Explicit if explicit else AxisType.Auto
-    return jax.make_mesh((len(devs),), (axis_name,), devices=devs, axis_types=(kind,))
+    return line_mesh(tuple(devs), axis_name, explicit)
 
 
 def _mesh_or_context(mesh: AnyMesh | None, who: str) -> AnyMesh:
@@ -140,11 +137,9 @@ def filter_device_put(
         def where(path: Any = path) -> str:
             return f"the leaf at {jtu.keystr(path) or '(root)'}"
 
-        pspec = as_pspec(s, where, "the spec")
-        check_spec(pspec, mesh, where, "the spec")
-        check_divides(
-            pspec,
-            tuple(np.shape(leaf)),
+        pspec = leaf_pspec(
+            s,
+            leaf,
             mesh,
             where,
             "the spec",

@@ -1,7 +1,6 @@
 """`filter_pmap`: one device per mapped element, as `jit(shard_map)` over a 1-D mesh
 (what `jax.pmap` itself now is), with `filter_vmap`'s mapped-call plumbing."""
 
-import functools as ft
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, overload
 
@@ -10,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
 from ._dispatch import (
     Backend,
+    Bounded,
     check_donate,
     Compiled,
     decorator_or_call,
@@ -33,16 +33,16 @@ from ._mapped import (
     require_size,
     resolve_axes,
 )
-from ._runner import run_shard_map
-from ._specs import is_array
+from ._runner import line_mesh, run_shard_map
+from ._specs import abstract_signature, is_array
 
 
 _DEFAULT_AXIS_NAME = "_eqpar_pmap"
 
 
-@ft.lru_cache(maxsize=64)
-def _mesh(devices: tuple[Any, ...], axis_name: Hashable) -> Mesh:
-    return Mesh(np.array(devices), (axis_name,), axis_types=(AxisType.Auto,))
+MAX_RESOLVED = 64
+"""Call signatures per `filter_pmap` option set whose resolved `in_axes` are
+remembered."""
 
 
 class _Pmap:
@@ -62,6 +62,22 @@ class _Pmap:
         self.axis_size = axis_size
         self.devices = devices
         self.check_unmapped = out_axes_may_be_none(out_axes)
+        self._resolved: Bounded[tuple[list[Any], list[int], int | None]] = Bounded(
+            MAX_RESOLVED
+        )
+
+    def resolve(
+        self, fun: Any, args: tuple, kwargs: dict
+    ) -> tuple[list[Any], list[int], int | None]:
+        """`in_axes` resolved for this call: once per signature (before the call,
+        to place the inputs), found again while it is traced, so that callables
+        in `in_axes` run once."""
+        key = abstract_signature((fun, args, kwargs))
+        found = self._resolved.get(key)
+        if found is None:
+            found = resolve_axes(fun, args, kwargs, self.in_axes, self.axis_size)
+            self._resolved.put(key, found)
+        return found
 
     def mesh(self, size: int) -> Mesh:
         """The first `size` devices, one per element."""
@@ -74,13 +90,19 @@ class _Pmap:
                 "instead (`filter_shard_map` with a `PartitionSpec`, or `filter_vmap` "
                 "inside `filter_pmap` over a reshaped batch)."
             )
-        return _mesh(tuple(available[:size]), self.axis_name)
+        return line_mesh(tuple(available[:size]), self.axis_name)
 
     def run(self, fun: Any, args: tuple, kwargs: dict, context: None) -> Any:
         del context
         check_not_nested()
         call = MappedCall(
-            fun, args, kwargs, self.in_axes, self.out_axes, self.axis_size
+            fun,
+            args,
+            kwargs,
+            self.in_axes,
+            self.out_axes,
+            self.axis_size,
+            self.resolve(fun, args, kwargs),
         )
         size = call.require_size("filter_pmap")
         name = self.axis_name
@@ -130,7 +152,7 @@ class _Pmap:
         """Mapped arrays split along their mapped axis, the others replicated (a
         key that `split_key` expands is an input of the program as it is)."""
         del context
-        axes, _, size = resolve_axes(fun, args, kwargs, self.in_axes, self.axis_size)
+        axes, _, size = self.resolve(fun, args, kwargs)
         size = require_size(size, "filter_pmap")
         if size == 0:
             return None

@@ -8,6 +8,7 @@ leaves come back as they are. Each front only decides its inputs, their specs an
 what to do with the output.
 """
 
+import functools as ft
 import re
 import traceback
 from collections.abc import Callable, Hashable, Sequence, Set
@@ -16,11 +17,12 @@ from typing import Any
 import jax
 import jax.core
 import jax.tree_util as jtu
+import numpy as np
 from jax.extend.core import get_opaque_trace_state
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from ._errors import MeshError, SpecError
-from ._specs import AnyMesh, merge_leaves, split_leaves
+from ._specs import AnyMesh, StaticCarrier
 from ._vma import vmap_axis_error
 
 
@@ -48,15 +50,12 @@ def run_shard_map(
     # has run, which lets the specs follow an output structure unknown beforehand
     # (tests/test_shard_map.py pins this behaviour of JAX).
     specs: list[P] = []
-    structure: list[Any] = []
+    carry = StaticCarrier()
 
     def body(*blocks: Any) -> list[Any]:
         out = fun(*blocks)
-        leaves, treedef = jtu.tree_flatten(out)
-        arrays, signature = split_leaves(leaves)
         specs[:] = out_specs(out)
-        structure[:] = [treedef, signature]
-        return arrays
+        return carry.split(out)
 
     def call() -> Any:
         return jax.shard_map(
@@ -68,9 +67,7 @@ def run_shard_map(
             check_vma=check_vma,
         )(*inputs)
 
-    outs = _vmap_axis_errors(call, check_vma, mesh)
-    treedef, signature = structure
-    return treedef.unflatten(merge_leaves(signature, outs))
+    return carry.merge(_vmap_axis_errors(call, check_vma, mesh))
 
 
 def _vmap_axis_errors(call: Callable[[], Any], check_vma: bool, mesh: AnyMesh) -> Any:
@@ -190,7 +187,9 @@ def _same_spec(a: P, b: P, ndim: int) -> bool:
 
 
 def context_mesh(who: str) -> AnyMesh:
-    """The mesh set by `jax.set_mesh` (only its abstract form under a trace)."""
+    """The mesh set by `jax.set_mesh` (only its abstract form under a trace); an
+    eqpar `MeshError` naming `who` (what needed a mesh) when none is set. The one
+    place eqpar looks the context mesh up."""
     try:
         mesh: AnyMesh = jax.sharding.get_mesh()
     except ValueError:  # under a trace only the abstract mesh is available
@@ -199,9 +198,34 @@ def context_mesh(who: str) -> AnyMesh:
         raise MeshError(
             f"{who} was given `mesh=None` and no mesh is set. Pass `mesh=...`, or "
             "set one for the enclosing code with `with jax.set_mesh(mesh):` (e.g. "
-            "`mesh = jax.make_mesh((n,), ('data',))`)."
+            "`mesh = eqpar.data_mesh()`, which spans every device, or "
+            "`jax.make_mesh((n,), ('data',))`)."
         )
     return mesh
+
+
+def concrete_context_mesh(who: str) -> Mesh:
+    """`context_mesh(who)` for eager code that places arrays: a concrete `Mesh`
+    (under a trace only the abstract mesh is known; then pass `mesh=`)."""
+    mesh = context_mesh(who)
+    if not isinstance(mesh, Mesh):
+        raise MeshError(
+            f"{who} needs the devices of the mesh, but under a trace only the "
+            f"abstract context mesh {mesh} is known. Pass `mesh=...`."
+        )
+    return mesh
+
+
+@ft.lru_cache(maxsize=64)
+def line_mesh(
+    devices: tuple[Any, ...], axis_name: Hashable, explicit: bool = False
+) -> Mesh:
+    """A 1-D mesh of `devices`, in this order, with one axis `axis_name` (Auto, or
+    Explicit): the one place eqpar builds a mesh (`data_mesh`, `filter_pmap`,
+    `Parallel`'s default). Built once per devices and name: equal meshes key
+    programs alike anyway, and building one costs microseconds per call."""
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    return Mesh(np.array(devices), (axis_name,), axis_types=(kind,))
 
 
 def check_shard_map_options(

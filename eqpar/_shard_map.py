@@ -7,7 +7,6 @@ from typing import Any, overload
 import jax
 import jax.core
 import jax.tree_util as jtu
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
@@ -30,16 +29,14 @@ from ._runner import (
 )
 from ._specs import (
     AnyMesh,
-    as_pspec,
-    check_divides,
-    check_spec,
+    call_with,
     is_array,
     leaf_names,
-    merge_leaves,
+    leaf_pspec,
+    Marker,
     REQUIRED,
     resolve_call_specs,
     resolve_out_specs,
-    split_leaves,
 )
 from ._vma import check_replicated
 
@@ -47,12 +44,7 @@ from ._vma import check_replicated
 SpecLeaf = P | None | Callable[[Any], P | None]
 
 
-class _Inferred:
-    def __repr__(self) -> str:
-        return "<read from each argument's placement>"
-
-
-INFERRED: Any = _Inferred()
+INFERRED: Any = Marker("<read from each argument's placement>")
 """`filter_shard_map`'s default `in_specs`: each array's spec is read from where it
 is placed."""
 
@@ -130,11 +122,11 @@ class _ShardMap:
     def run(self, fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         mesh, specs = self._mesh_and_specs(fun, args, kwargs, context)
         leaves, treedef = jtu.tree_flatten((fun, args, kwargs))
-        arrays, signature = split_leaves(leaves)
+        where = [i for i, leaf in enumerate(leaves) if is_array(leaf)]
+        arrays = [leaves[i] for i in where]
 
         def per_device(*blocks: Any) -> Any:
-            f, a, k = treedef.unflatten(merge_leaves(signature, blocks))
-            return f(*a, **k)
+            return call_with(treedef, leaves, where, blocks)
 
         return run_shard_map(
             per_device,
@@ -169,10 +161,7 @@ class _ShardMap:
             if not is_array(leaf):
                 continue
             where = lambda i=i: names()[i]  # noqa: E731
-            spec = as_pspec(spec, where, "in_specs")
-            check_spec(spec, mesh, where, "in_specs")
-            check_divides(spec, tuple(np.shape(leaf)), mesh, where, "in_specs")
-            specs.append(spec)
+            specs.append(leaf_pspec(spec, leaf, mesh, where, "in_specs"))
         return specs
 
     def out_specs_of(self, mesh: AnyMesh, out: Any) -> list[P]:
@@ -184,13 +173,7 @@ class _ShardMap:
             if not is_array(leaf):
                 continue
             where = lambda path=path: f"the output at {jtu.keystr(path) or '(root)'}"  # noqa: E731
-            spec = as_pspec(spec, where, "out_specs")
-            check_spec(spec, mesh, where, "out_specs")
-            if len(spec) > leaf.ndim:
-                raise SpecError(
-                    f"out_specs gives {spec} for {where()}, which has rank "
-                    f"{leaf.ndim} per shard: a spec may not be longer than the rank."
-                )
+            spec = leaf_pspec(spec, leaf, mesh, where, "out_specs", whole=False)
             if self.check_vma:
                 check_replicated(leaf, spec, where, "out_specs")
             specs.append(spec)

@@ -16,6 +16,8 @@ leaf's shape or dtype, and the compiled cache keys on shapes for free.
 
 import inspect
 import math
+import types
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -72,14 +74,21 @@ def is_concrete_array(x: Any) -> bool:
     return answer
 
 
-class _DynamicMarker:
-    __slots__ = ()
+class Marker:
+    """A named sentinel: stands for something among a tree's leaves (an array, a
+    function, a default), compared by identity, so no user value (not even a
+    string of the same name) is ever taken for it."""
+
+    __slots__ = ("_text",)
+
+    def __init__(self, text: str):
+        self._text = text
 
     def __repr__(self) -> str:
-        return "<array>"
+        return self._text
 
 
-DYNAMIC = _DynamicMarker()
+DYNAMIC = Marker("<array>")
 """Stands in for an array leaf in a call signature."""
 
 
@@ -102,6 +111,77 @@ def merge_leaves(signature: Sequence[Any], arrays: Sequence[Any]) -> list[Any]:
     """Inverse of `split_leaves`."""
     it = iter(arrays)
     return [next(it) if s is DYNAMIC else s for s in signature]
+
+
+def replace_leaves(
+    treedef: Any, leaves: Sequence[Any], index: Sequence[int], values: Sequence[Any]
+) -> Any:
+    """`treedef` unflattened from `leaves`, with `leaves[i]` replaced by the
+    matching value for each `i` in `index`."""
+    new = list(leaves)
+    for i, value in zip(index, values):
+        new[i] = value
+    return treedef.unflatten(new)
+
+
+def call_with(
+    treedef: Any, leaves: Sequence[Any], index: Sequence[int], values: Sequence[Any]
+) -> Any:
+    """Calls the flattened call `(fun, args, kwargs)` (`treedef`, `leaves`) with
+    the leaves at `index` replaced by `values`: how every transform runs the
+    user's function on new leaves (a device's blocks, one mapped element, a chunk,
+    a microbatch)."""
+    fun, args, kwargs = replace_leaves(treedef, leaves, index, values)
+    return fun(*args, **kwargs)
+
+
+def abstract_signature(tree: Any) -> Any:
+    """What a spec callable can see of `tree`: its structure, each array leaf's
+    shape and dtype, and the other leaves' values. The same for concrete arrays
+    and for the tracers that stand for them in their trace, so specs resolved
+    before a call (to place its inputs) are found again while it is traced, and
+    a user's callable spec runs once per signature. Plain functions are held
+    weakly. Raises `TypeError` for an unhashable static leaf."""
+    leaves, treedef = jtu.tree_flatten(tree)
+    out = (treedef, tuple(map(_abstract_leaf, leaves)))
+    hash(out)
+    return out
+
+
+def _abstract_leaf(x: Any) -> Any:
+    if is_array(x):
+        return (np.shape(x), x.dtype)
+    if type(x) is types.FunctionType:  # held weakly, as programs hold functions:
+        return weakref.ref(x)  # a dead one's entry matches no other function
+    return (type(x), x)
+
+
+class StaticCarrier:
+    """Carries an output's non-array leaves (any Python value) around a JAX
+    transform that only returns arrays (`shard_map`, `make_jaxpr`, a scan).
+
+    `split(out)`, inside the transformed function, returns the output's array
+    leaves and keeps its tree structure and other leaves; `merge(arrays)`, once
+    the transform has returned, rebuilds the output. One carrier per trace.
+    (Through `jax.jit` non-array outputs ride as pytree node data instead, so that
+    jit caches them with their trace: see `_dispatch/_program.py`.)
+    """
+
+    __slots__ = ("_structure",)
+
+    def __init__(self) -> None:
+        self._structure: tuple[Any, list[Any]] | None = None
+
+    def split(self, out: Any) -> list[Any]:
+        leaves, treedef = jtu.tree_flatten(out)
+        arrays, signature = split_leaves(leaves)
+        self._structure = (treedef, signature)
+        return arrays
+
+    def merge(self, arrays: Sequence[Any]) -> Any:
+        assert self._structure is not None, "merge before split"
+        treedef, signature = self._structure
+        return treedef.unflatten(merge_leaves(signature, arrays))
 
 
 # ----------------------------------------------------------------------------------
@@ -269,12 +349,7 @@ def resolve_call_specs(
     return resolved
 
 
-class _Required:
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-
-REQUIRED: Any = _Required()
+REQUIRED: Any = Marker("REQUIRED")
 
 
 def _check_given(spec: Any, name: str, what: str, n_args: int) -> None:
@@ -448,3 +523,32 @@ def check_divides(
                 "number of real rows) and ignore the padded rows, or let "
                 f"`eqpar.Parallel` pad and trim for you.{more}"
             )
+
+
+def leaf_pspec(
+    spec: Any,
+    leaf: Any,
+    mesh: AnyMesh,
+    where: Callable[[], str],
+    what: str,
+    *,
+    whole: bool = True,
+    dimension: Callable[[int], str] | None = None,
+    more: str = "",
+) -> P:
+    """The one check of a resolved spec leaf for an array leaf: a `PartitionSpec`
+    (`None` is `P()`) over axes `mesh` has, each once, no longer than the array's
+    rank and, for a whole array (`whole=True`; `False` for a per-device block),
+    splitting each dimension evenly. `where()` names the leaf, `what` the option;
+    `dimension` and `more` as for `check_divides`."""
+    pspec = as_pspec(spec, where, what)
+    check_spec(pspec, mesh, where, what)
+    shape = tuple(np.shape(leaf))
+    if whole:
+        check_divides(pspec, shape, mesh, where, what, dimension, more)
+    elif len(pspec) > len(shape):
+        raise SpecError(
+            f"{what} gives {pspec} for {where()}, which has rank {len(shape)} per "
+            "shard: a spec may not be longer than the rank."
+        )
+    return pspec

@@ -84,24 +84,26 @@ class Compiled:
     def __call__(self, fun: Any, args: tuple, kwargs: dict) -> Any:
         if self._check is not None:
             self._check(args, kwargs)
-        program, arrays = self._lookup(fun, args, kwargs)
+        program, arrays, _ = self._lookup(fun, args, kwargs)
         return program(arrays, fun, args, kwargs)
 
     def lower(self, fun: Any, args: tuple, kwargs: dict) -> "Lowered":
         if self._check is not None:
             self._check(args, kwargs)
-        program, arrays = self._lookup(fun, args, kwargs)
+        program, arrays, key = self._lookup(fun, args, kwargs)
         arrays = program.prepare(arrays, fun, args, kwargs)
-        return Lowered(program.lower(arrays), self, program, fun)
+        return Lowered(program.lower(arrays), self, program, fun, key)
 
-    def _lookup(self, fun: Any, args: tuple, kwargs: dict) -> tuple[Program, tuple]:
-        """The call's program (made on first sight) and its arrays."""
+    def _lookup(
+        self, fun: Any, args: tuple, kwargs: dict
+    ) -> tuple[Program, tuple, tuple]:
+        """The call's program (made on first sight), its arrays and its key."""
         program, arrays, parts, key = self._find(fun, args, kwargs)
         if program is None:
             program = self._programs.get_or_make(
                 key, lambda: self._program(parts, key, len(args), bool(kwargs))
             )
-        return program, arrays
+        return program, arrays, key
 
     def _find(
         self, fun: Any, args: tuple, kwargs: dict
@@ -152,6 +154,18 @@ class Compiled:
             names=_array_names,
         )
         return program
+
+
+def same_key(a: tuple, b: tuple) -> bool:
+    """Whether two program keys select the same program: equal, or equal but for
+    tokens made anew (a token dropped from its table and made again is another
+    object with the same structure, leaf types and static values)."""
+    if a == b:
+        return True
+    return len(a) == len(b) and all(
+        x == y or (isinstance(x, Token) and isinstance(y, Token) and x.same(y))
+        for x, y in zip(a, b)
+    )
 
 
 def _array_names(fun: Any, args: tuple, kwargs: dict) -> list[str]:
@@ -255,11 +269,14 @@ class Lowered:
     the same arguments (same static values, shapes and placements) as the call that
     was lowered; `.as_text()` shows the program."""
 
-    def __init__(self, lowered: Any, compiled: Compiled, program: Program, fun: Any):
+    def __init__(
+        self, lowered: Any, compiled: Compiled, program: Program, fun: Any, key: tuple
+    ):
         self.lowered = lowered
         self._compiled = compiled
-        self._program = program
+        self._program = program  # held here: it outlives its place in the table
         self._fun = fun
+        self._key = key
 
     def as_text(self) -> str:
         return self.lowered.as_text()
@@ -278,9 +295,9 @@ class CompiledCall:
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         lowered = self._lowered
         fun = lowered._fun
-        found, arrays, _, _ = lowered._compiled._find(fun, args, kwargs)
+        _, arrays, _, key = lowered._compiled._find(fun, args, kwargs)
         program = lowered._program
-        if found is not program:
+        if not same_key(key, lowered._key):
             raise SpecError(
                 "This ahead-of-time compiled call was lowered for other static "
                 "arguments (non-array leaves) or another tree structure than the "

@@ -24,8 +24,8 @@ from typing import Any
 import equinox as eqx
 import jax.tree_util as jtu
 
-from .._specs import ARRAY_TYPES, DYNAMIC, is_array
-from ._tables import Bounded, evict_oldest
+from .._specs import ARRAY_TYPES, DYNAMIC, is_array, Marker
+from ._tables import Bounded
 
 
 MAX_TOKENS = 4096
@@ -34,14 +34,7 @@ MAX_RECORDS = 4096
 """Live Modules whose parts are remembered per process."""
 
 
-class _Function:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<function>"
-
-
-FUNCTION = _Function()
+FUNCTION = Marker("<function>")
 """Stands for a plain Python function among a token's leaves."""
 
 
@@ -71,6 +64,18 @@ class Token:
         self.signature = signature
         self.recordable = _immutable(treedef)
 
+    def same(self, other: "Token") -> bool:
+        """Equal structure, leaf types and static values (tokens are interned, so
+        this is identity unless one was dropped from its table and made again)."""
+        return (
+            self.treedef == other.treedef
+            and len(self.signature) == len(other.signature)
+            and all(
+                x is y or (type(x) is type(y) and x == y)
+                for x, y in zip(self.signature, other.signature)
+            )
+        )
+
     def rebuild(self, arrays: Any, functions: Any) -> Any:
         """The part, from iterators over its arrays and functions."""
         leaves = [
@@ -94,7 +99,7 @@ METHOD_FUNCTION = Token(_LEAF, (FUNCTION,))
 
 _TOKENS: Bounded[Token] = Bounded(MAX_TOKENS)
 # id(Module) -> (weak reference to it, its part)
-_RECORDS: dict[int, tuple["weakref.ref[Any]", Part]] = {}
+_RECORDS: Bounded[tuple["weakref.ref[Any]", Part]] = Bounded(MAX_RECORDS)
 
 
 def split_call(
@@ -158,13 +163,6 @@ def part(x: Any) -> Part:
 
 
 def _remember(module: Any, made: Part) -> None:
-    key, records = id(module), _RECORDS
-
-    def forget(_: Any) -> None:  # only closed-over names: safe at interpreter exit
-        if records.get(key) is record:
-            records.pop(key, None)
-
-    record = (weakref.ref(module, forget), made)
-    if len(records) >= MAX_RECORDS:
-        evict_oldest(records)
-    records[key] = record
+    key, records = id(module), _RECORDS  # closed over: safe at interpreter exit
+    record = (weakref.ref(module, lambda _: records.discard(key, record)), made)
+    records.put(key, record)

@@ -20,6 +20,7 @@ nothing is retried.
 """
 
 import operator
+import re
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -93,7 +94,44 @@ Targets = Callable[[Any, tuple, dict], Sequence[Any] | None]
 the backend does not place its inputs."""
 
 _SHAPE_DTYPE = operator.attrgetter("shape", "dtype")
-_DONATION_LOCK = threading.Lock()
+
+
+class _QuietDonation:
+    """While any `donate="all"`-style call runs, JAX's warning about donated buffers
+    it could not reuse (given when it lowers a program) is ignored, as in Equinox.
+
+    Python's warning filters are one list for the whole process, not per thread:
+    one filter is put in when the first such call starts and taken out when the
+    last one ends. The lock guards only that count, never a call: donating calls
+    run concurrently and nest (a donating program called while another traces).
+    A `"warn"` program lowered by another thread during that window is silenced
+    too; nothing else is.
+    """
+
+    _MESSAGE = "Some donated buffers were not usable"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._active += 1
+            if self._active == 1:
+                warnings.filterwarnings("ignore", message=self._MESSAGE)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                entry = ("ignore", re.compile(self._MESSAGE, re.I), Warning, None, 0)
+                try:  # another `catch_warnings` may have taken it out already
+                    warnings.filters.remove(entry)  # pyright: ignore
+                except ValueError:
+                    pass
+
+
+_QUIET_DONATION = _QuietDonation()
 
 
 class Program:
@@ -178,13 +216,7 @@ class Program:
     def _donating_call(self, arrays: tuple[Any, ...]) -> Any:
         if not self._quiet:
             return self.jitted(*self._split(arrays))
-        # JAX warns (at compile time) about donated buffers it could not reuse;
-        # "all" silences that, as in Equinox. Warning filters are process-wide, so
-        # the change is made under a lock and undone before anyone else's.
-        with _DONATION_LOCK, warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message="Some donated buffers were not usable"
-            )
+        with _QUIET_DONATION:
             return self.jitted(*self._split(arrays))
 
     def prepare(
@@ -242,7 +274,10 @@ class Program:
         )
 
     def lower(self, arrays: tuple[Any, ...]) -> Any:
-        return self.jitted.lower(*self._split(arrays))
+        if not self._quiet:
+            return self.jitted.lower(*self._split(arrays))
+        with _QUIET_DONATION:
+            return self.jitted.lower(*self._split(arrays))
 
     def call_compiled(self, executable: Any, arrays: tuple[Any, ...]) -> Any:
         """Calls an ahead-of-time `executable` of this program (see `lower`)."""

@@ -1,5 +1,6 @@
 """`Bounded`: the one kind of table the dispatch core keeps, safe under threads."""
 
+import collections
 import threading
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
@@ -9,46 +10,61 @@ _V = TypeVar("_V")
 
 
 class Bounded(Generic[_V]):
-    """A dict of at most `limit` entries, oldest dropped first.
+    """A dict of at most `limit` entries, least recently used dropped first: a
+    program, token or placement in use is never pushed out by others made since
+    (a busy process keeps its training step).
 
-    Reads are plain dict reads (atomic under the GIL, so the hot path takes no
-    lock). `get_or_make` makes a missing value under a lock, so that two threads
-    asking for the same key at once get the same value, made once. `discard` takes
-    no lock: it is what weak-reference callbacks call, and those can run inside any
-    allocation, including one made while the lock is held.
+    Every operation is one or two C calls on an `OrderedDict` (atomic under the
+    GIL), so reads take no lock. `get_or_make` makes a missing value under a lock,
+    so that two threads asking for the same key at once get the same value, made
+    once; `make` must not trace or compile (nothing is ever held locked across a
+    call into JAX). `discard` takes no lock: weak-reference callbacks call it, and
+    those can run inside any allocation, including one made while the lock is held.
     """
 
     __slots__ = ("_entries", "_limit", "_lock")
 
     def __init__(self, limit: int):
-        self._entries: dict[Hashable, _V] = {}
+        self._entries: collections.OrderedDict[Hashable, _V] = collections.OrderedDict()
         self._limit = limit
         self._lock = threading.RLock()
 
     def get(self, key: Hashable) -> _V | None:
-        """The value for `key`, or `None`. Raises `TypeError` for an unhashable key."""
-        return self._entries.get(key)
+        """The value for `key` (now the most recently used), or `None`. Raises
+        `TypeError` for an unhashable key."""
+        entries = self._entries
+        value = entries.get(key)
+        if value is not None:
+            try:
+                entries.move_to_end(key)
+            except KeyError:  # dropped by another thread meanwhile: still ours
+                pass
+        return value
 
     def get_or_make(self, key: Hashable, make: Callable[[], _V]) -> _V:
-        try:
-            return self._entries[key]
-        except KeyError:
-            pass
+        value = self.get(key)
+        if value is not None:
+            return value
         with self._lock:
             value = self._entries.get(key)
             if value is None:
                 value = make()
-                while len(self._entries) >= self._limit:
-                    evict_oldest(self._entries)
-                self._entries[key] = value
+                self._insert(key, value)
             return value
 
     def put(self, key: Hashable, value: _V) -> None:
         with self._lock:
             self._entries.pop(key, None)
-            while len(self._entries) >= self._limit:
-                evict_oldest(self._entries)
-            self._entries[key] = value
+            self._insert(key, value)
+
+    def _insert(self, key: Hashable, value: _V) -> None:
+        entries = self._entries
+        while len(entries) >= self._limit:
+            try:
+                entries.popitem(last=False)
+            except KeyError:  # emptied by a concurrent `discard`
+                break
+        entries[key] = value
 
     def discard(self, key: Hashable, value: _V) -> None:
         """Drops `key` if it still maps to `value`."""
@@ -62,12 +78,5 @@ class Bounded(Generic[_V]):
     def __len__(self) -> int:
         return len(self._entries)
 
-
-def evict_oldest(entries: dict) -> None:
-    """Drops the oldest entry of `entries`. A weak-reference callback (or another
-    thread's lock-free `discard`) may change the dict at the same moment: then
-    there is nothing left to do here."""
-    try:
-        entries.pop(next(iter(entries)), None)
-    except (RuntimeError, StopIteration):
-        pass
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
