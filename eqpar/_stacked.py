@@ -40,7 +40,29 @@ class PerLayer(eqx.Module):
     """An argument of [`eqpar.Stacked.fold`][] / [`eqpar.Stacked.scan`][] that holds
     one value per layer (each array leaf with a leading axis of the stack's length,
     e.g. `jax.random.split(key, len(stack))`): layer `i` gets slice `i`. Any other
-    argument is passed to every layer as it is."""
+    argument is passed to every layer as it is.
+
+    !!! example
+
+        ```python
+        import equinox as eqx, jax, jax.numpy as jnp, eqpar
+
+        class Noisy(eqx.Module):
+            scale: jax.Array
+
+            def __call__(self, x, key):
+                return self.scale * x + jax.random.normal(key, x.shape)
+
+        stack = eqpar.Stacked.from_layers([Noisy(jnp.float32(i)) for i in range(4)])
+        x = jnp.ones(8)
+        layer_keys = jax.random.split(jax.random.key(1), len(stack))
+        y = stack.fold(x, eqpar.PerLayer(layer_keys))  # each layer its own key
+        by_hand = x
+        for layer, k in zip(stack.unstacked(), layer_keys):
+            by_hand = layer(by_hand, k)
+        assert jnp.allclose(y, by_hand, atol=1e-5)
+        ```
+    """
 
     value: PyTree
 

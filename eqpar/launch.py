@@ -68,7 +68,9 @@ _BOOTSTRAP = (
     "spec.loader.exec_module(module)\n"
     "module._run_worker(int(sys.argv[2]), sys.argv[3], sys.argv[4:])\n"
 )
-_GLOO_CHATTER = re.compile(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\.")
+# Gloo's connection messages, also when its threads' writes interleave mid-line
+# ("[Gloo] Rank [Gloo] Rank 4 is connected ..." then "6 is connected ...").
+_GLOO_CHATTER = re.compile(r"\[Gloo\]|is connected to \d+ peer ranks\.")
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _NOT_JOINED = "eqpar.launch: "  # starts the line of a process that never joined
 _PR_SET_PDEATHSIG = 1
@@ -240,7 +242,7 @@ class _Process:
     def read(self, stream: IO[str], out: _Output) -> None:
         in_traceback = False
         for line in stream:
-            if _GLOO_CHATTER.match(line):
+            if _GLOO_CHATTER.search(line):
                 continue
             if line.startswith("Traceback (most recent call last):"):
                 in_traceback = True
