@@ -361,60 +361,58 @@ def _first_leaf(stack: Any) -> str:
     return f"e.g. the leaf at {path} of shape {tuple(np.shape(leaf))}"
 
 
-def _layers(stack: Any) -> int:
-    """The number of layers `L` (the leading size every array leaf shares)."""
-    leaves = _array_paths(stack)
+def _leading_size(
+    tree: Any, *, empty: str, scalar: str, disagree: str, prefix: str = ""
+) -> tuple[int, list[tuple[str, Any]]]:
+    """The leading size every array leaf of `tree` shares (a stack's layers, a
+    batch's rows), and the leaves; each way that fails is an error saying `empty`,
+    `scalar` (formatted with the leaf's path) or `disagree` (with the sizes), the
+    leaves listed after it (their paths after `prefix`)."""
+    leaves = _array_paths(tree)
     if not leaves:
-        raise SpecError(
-            "eqpar.pipeline got a stack with no array leaves; it must be a pytree "
-            "of layers stacked along a leading axis, e.g. "
-            "`eqx.filter_vmap(make_block)(jax.random.split(key, L))`."
-        )
+        raise SpecError(empty)
     scalars = [p for p, leaf in leaves if np.ndim(leaf) == 0]
     if scalars:
-        raise SpecError(
-            f"eqpar.pipeline got a stack whose leaf at {scalars[0]} is a scalar; "
-            "every array leaf of a stack has the layer axis in front. Build the "
-            "stack with `eqx.filter_vmap(make_block)(keys)`."
-        )
+        raise SpecError(scalar.format(path=scalars[0]))
     sizes = {np.shape(leaf)[0] for _, leaf in leaves}
     if len(sizes) > 1:
         lines = "\n".join(
-            f"  - {p}: shape {tuple(np.shape(leaf))}" for p, leaf in leaves
+            f"  - {prefix}{p}: shape {tuple(np.shape(leaf))}" for p, leaf in leaves
         )
-        raise AxisSizeError(
-            f"eqpar.pipeline got a stack whose array leaves disagree on the layer "
-            f"axis (their leading sizes are {sorted(sizes)}); every array leaf of a "
-            f"stack has the same number of layers in front:\n{lines}"
-        )
-    return sizes.pop()
+        raise AxisSizeError(disagree.format(sizes=sorted(sizes)) + f":\n{lines}")
+    return sizes.pop(), leaves
+
+
+def _layers(stack: Any) -> int:
+    """The number of layers `L` (the leading size every array leaf shares)."""
+    layers, _ = _leading_size(
+        stack,
+        empty="eqpar.pipeline got a stack with no array leaves; it must be a pytree "
+        "of layers stacked along a leading axis, e.g. "
+        "`eqx.filter_vmap(make_block)(jax.random.split(key, L))`.",
+        scalar="eqpar.pipeline got a stack whose leaf at {path} is a scalar; "
+        "every array leaf of a stack has the layer axis in front. Build the "
+        "stack with `eqx.filter_vmap(make_block)(keys)`.",
+        disagree="eqpar.pipeline got a stack whose array leaves disagree on the "
+        "layer axis (their leading sizes are {sizes}); every array leaf of a "
+        "stack has the same number of layers in front",
+    )
+    return layers
 
 
 def _batch(x: Any, m: int, shards: int, where: str) -> None:
     """The batch (leading size every array leaf of `x` shares) is a multiple of
     `shards * m`."""
-    leaves = _array_paths(x)
-    if not leaves:
-        raise SpecError(
-            "eqpar.pipeline got an input `x` with no array leaves; it must be an "
-            "array (or pytree of arrays) with the batch axis in front."
-        )
-    bad = [p for p, leaf in leaves if np.ndim(leaf) == 0]
-    if bad:
-        raise SpecError(
-            f"eqpar.pipeline got an input whose leaf at {bad[0]} is a scalar; every "
-            "array of `x` has the batch axis in front."
-        )
-    sizes = {np.shape(leaf)[0] for _, leaf in leaves}
-    if len(sizes) > 1:
-        lines = "\n".join(
-            f"  - x at {p}: shape {tuple(np.shape(leaf))}" for p, leaf in leaves
-        )
-        raise AxisSizeError(
-            f"eqpar.pipeline got an input whose arrays disagree on the batch size "
-            f"({sorted(sizes)}); every array of `x` has the batch in front:\n{lines}"
-        )
-    batch = sizes.pop()
+    batch, leaves = _leading_size(
+        x,
+        empty="eqpar.pipeline got an input `x` with no array leaves; it must be an "
+        "array (or pytree of arrays) with the batch axis in front.",
+        scalar="eqpar.pipeline got an input whose leaf at {path} is a scalar; every "
+        "array of `x` has the batch axis in front.",
+        disagree="eqpar.pipeline got an input whose arrays disagree on the batch "
+        "size ({sizes}); every array of `x` has the batch in front",
+        prefix="x at ",
+    )
     if batch % (shards * m):
         path, leaf = leaves[0]
         split = (
