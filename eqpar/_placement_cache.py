@@ -105,7 +105,9 @@ class PlacementCacheInfo(NamedTuple):
     copies: int
     """Number of cached copies."""
     hits: int
-    """Placements served from the cache since the process started."""
+    """Placements served from the cache since the process started (a program
+    called again with the very arrays it copied last takes those copies without a
+    lookup, which is not counted)."""
     misses: int
     """Placements made (and cached, if they fit) since the process started."""
 
@@ -305,10 +307,60 @@ def equivalent(sharding: Any, target: Any, ndim: int) -> bool:
     return answer
 
 
-def in_place(arrays: Sequence[Any], targets: Sequence[Any]) -> bool:
+class Last(NamedTuple):
+    """A program's last placement, for the quick check of its next call: the
+    targets and, where an input was copied, that source and its copy, both held
+    weakly (nothing here keeps an array alive; the cache below holds the copy as
+    long as its source lives)."""
+
+    targets: tuple[Any, ...]
+    copies: "tuple[tuple[weakref.ref, weakref.ref] | None, ...] | None"
+    """Per position, `(source, copy)` where the input was copied; `None`: nothing
+    was copied."""
+
+
+def last(arrays: Sequence[Any], placed: Sequence[Any], targets: tuple) -> Last:
+    """What `reuse` checks the next call against, after `arrays` were placed as
+    `placed`. Only `jax.Array` sources are remembered (immutable: a NumPy array
+    can change under the same object, so it is copied afresh every call)."""
+    copies = tuple(
+        (weakref.ref(x), weakref.ref(y))
+        if y is not x and is_concrete_array(x) and is_concrete_array(y)
+        else None
+        for x, y in zip(arrays, placed)
+    )
+    return Last(targets, copies if any(copies) else None)
+
+
+def reuse(arrays: Sequence[Any], last: Last) -> Sequence[Any] | None:
+    """The quick check before a call: `arrays` as the program takes them, if each is
+    a live concrete array either already where `last.targets` puts it (a `None`
+    target: anywhere) or the very source `last` copied, whose copy is still alive
+    and not deleted (then the copy). `None`: `place` has to look."""
+    copies = last.copies
+    if copies is None:
+        return arrays if _in_place(arrays, last.targets) else None
+    out = list(arrays)
+    for i, (x, target, copied) in enumerate(zip(arrays, last.targets, copies)):
+        if type(x) not in CONCRETE_TYPES and not is_concrete_array(x):
+            return None
+        if x.is_deleted():
+            return None
+        if copied is not None and copied[0]() is x:
+            copy = copied[1]()
+            if copy is None or copy.is_deleted():
+                return None
+            out[i] = copy
+        elif target is not None:
+            sharding = x.sharding
+            if sharding is not target and sharding != target:
+                return None
+    return out
+
+
+def _in_place(arrays: Sequence[Any], targets: Sequence[Any]) -> bool:
     """Whether every array is a live (not deleted) concrete array with exactly its
-    target sharding (a `None` target: anywhere). The quick check before a call;
-    `place` does the rest."""
+    target sharding (a `None` target: anywhere)."""
     for x, target in zip(arrays, targets):
         if type(x) not in CONCRETE_TYPES and not is_concrete_array(x):
             return False

@@ -362,6 +362,59 @@ def test_a_repeated_unplaced_array_is_placed_once():
     assert eqpar.placement_cache().misses == misses + 1, "and placed once"
 
 
+def test_the_last_copy_is_reused_only_while_it_is_right():
+    """A program called again with the very unplaced arrays it copied last reuses
+    those copies without a lookup; a new batch beside them, a donated copy, the
+    cache turned off, a deleted source or a NumPy leaf each get the single-device
+    result or eqpar's error."""
+    mesh = _mesh()
+    model = _model()
+    f = _shard_map(mesh)
+    same_shape = lambda m, x: x + jax.vmap(m)(x).sum(-1, keepdims=True)  # noqa: E731
+    donating = eqpar.filter_shard_map(
+        same_shape,  # so that the donated batch's buffer is reused (and deleted)
+        mesh=mesh,
+        in_specs=(P(), P("data")),
+        out_specs=P("data"),
+        donate="all-except-first",
+    )
+    for k in range(4):  # a new batch each call, on one device or placed
+        x = jax.random.normal(jax.random.key(k), (16, 4))
+        if k % 2:
+            x = jax.device_put(x, NamedSharding(mesh, P("data")))
+        np.testing.assert_allclose(f(model, x), jax.vmap(model)(x), atol=1e-6)
+    misses = eqpar.placement_cache().misses
+    x = jax.random.normal(jax.random.key(9), (16, 4))
+    for _ in range(3):
+        np.testing.assert_allclose(f(model, x), jax.vmap(model)(x), atol=1e-6)
+    assert eqpar.placement_cache().misses == misses + 1  # only the new batch
+
+    # The donating program donates its copy of the batch: copied afresh each call.
+    for _ in range(3):
+        with pytest.warns(eqpar.EqparWarning, match="the copy was donated"):
+            out = donating(model, x)
+        np.testing.assert_allclose(out, same_shape(model, x), atol=1e-6)
+        assert not x.is_deleted()
+
+    eqpar.placement_cache(max_bytes=0)  # off: the copies die, nothing stale
+    np.testing.assert_allclose(f(model, x), jax.vmap(model)(x), atol=1e-6)
+    np.testing.assert_allclose(f(model, x), jax.vmap(model)(x), atol=1e-6)
+    eqpar.placement_cache(max_bytes=1 << 30)
+
+    w = np.ones((8, 4), np.float32)  # NumPy: mutable, so never reused
+    numpy_model = eqx.tree_at(lambda m: m.layers[0].weight, model, w)
+    ref = jax.vmap(numpy_model)(x)
+    np.testing.assert_allclose(f(numpy_model, x), ref, atol=1e-6)
+    w[:] = 2.0
+    ref = jax.vmap(eqx.tree_at(lambda m: m.layers[0].weight, model, w.copy()))(x)
+    np.testing.assert_allclose(f(numpy_model, x), ref, atol=1e-6)
+
+    np.testing.assert_allclose(f(model, x), jax.vmap(model)(x), atol=1e-6)
+    model.layers[1].bias.delete()
+    with pytest.raises(eqpar.DeletedArrayError, match="layers\\[1\\].bias"):
+        f(model, x)
+
+
 def _shrink(m, x):
     """One 'training step': every array of the Module scaled, fed back next call."""
     p, s = eqx.partition(m, eqx.is_array)

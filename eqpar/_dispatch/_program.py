@@ -172,9 +172,9 @@ class Program:
         self._names = names
         self._targets = targets
         self._by_shape: Bounded[tuple[Any, ...]] = Bounded(MAX_TARGETS)
-        # The targets of the last placement (None: not placing): any thread may
-        # replace them; each reads one consistent tuple.
-        self._last: tuple[Any, ...] | None = None
+        # The last placement (None: none yet): any thread may replace it; each
+        # reads one consistent value.
+        self._last: _placement_cache.Last | None = None
         self.donating = donate != "none"
         self._checks = self.donating or targets is not None
         self._quiet = donate.startswith("all")
@@ -224,14 +224,18 @@ class Program:
     ) -> tuple[Any, ...]:
         """`arrays` checked for deleted buffers and placed where the program runs.
 
-        The common case first: every input is a live array already where the last
-        placement put its position (then nothing is looked up). Otherwise the
-        targets for these input shapes are found (the backend computes them once
-        per shapes) and whatever is elsewhere is placed.
+        The common case first: every input is a live array either already where
+        the last placement put its position, or the very array the last placement
+        copied, whose copy is still alive (an unplaced model called again); then
+        nothing is looked up. Otherwise the targets for these input shapes are
+        found (the backend computes them once per shapes) and whatever is
+        elsewhere is placed.
         """
         last = self._last
-        if last is not None and _placement_cache.in_place(arrays, last):
-            return arrays
+        if last is not None:
+            ready = _placement_cache.reuse(arrays, last)
+            if ready is not None:
+                return tuple(ready)
         for i, x in enumerate(arrays):
             if _deleted_array(x):
                 raise self._deleted(i, fun, args, kwargs)
@@ -245,7 +249,7 @@ class Program:
                 return arrays
             targets = self._by_shape.get_or_make(shapes, lambda: tuple(found))
         placed = _placement_cache.place(arrays, targets)
-        self._last = targets
+        self._last = _placement_cache.last(arrays, placed.arrays, targets)
         if placed.relaid:
             names = self._names(fun, args, kwargs)
             warn(_relaid(names, arrays, targets, placed.relaid))
