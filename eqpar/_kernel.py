@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from ._dispatch import decorator_or_call, transformed
 from ._errors import Checked, MeshError, ReplicationError, SpecError
-from ._specs import is_array, leaf_names, merge_leaves, split_leaves
+from ._specs import is_array, leaf_names, split_static, StaticCarrier
 from ._vma import AxisName, typed, varying_axes
 
 
@@ -146,31 +146,27 @@ class _Kernel:
         if not typed(manual):  # outside shard_map, or check_vma=False: as it is
             return fun(*args, **kwargs)
         cells = _closed_over(fun)
-        leaves, treedef = jtu.tree_flatten((cells, fun, args, kwargs))
-        arrays, signature = split_leaves(leaves)
+        arrays, static = split_static((cells, fun, args, kwargs))
         names = lambda: [  # noqa: E731
             n
             for n, leaf in zip(
-                _cell_names(fun, cells) + leaf_names(fun, args, kwargs), leaves
+                _cell_names(fun, cells) + leaf_names(fun, args, kwargs),
+                jtu.tree_leaves((cells, fun, args, kwargs)),
             )
             if is_array(leaf)
         ]
         out_axes = self._out_axes(arrays, manual, names)
-        static_out: list[Any] = []
+        carry = StaticCarrier()
 
         def flat(*blocks: Any) -> list[Any]:
-            c, f, a, k = treedef.unflatten(merge_leaves(signature, blocks))
+            c, f, a, k = static.merge(blocks)
             if c is not None:
                 f = _with_cells(f, c)
-            out_leaves, out_tree = jtu.tree_flatten(f(*a, **k))
-            out_arrays, out_signature = split_leaves(out_leaves)
-            if not static_out:
-                static_out.append((out_tree, out_signature))
-            return out_arrays
+            return carry.split(f(*a, **k))
 
-        outs = _differentiated(flat, arrays, out_axes, lambda i: names()[i])
-        out_tree, out_signature = static_out[0]
-        return out_tree.unflatten(merge_leaves(out_signature, outs))
+        return carry.merge(
+            _differentiated(flat, arrays, out_axes, lambda i: names()[i])
+        )
 
     def _out_axes(
         self,

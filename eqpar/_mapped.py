@@ -16,16 +16,14 @@ from ._specs import (
     check_int_axes,
     is_array,
     leaf_names,
-    Marker,
     resolve_call_specs,
     resolve_out_specs,
+    split_leaves,
+    Static,
 )
 
 
 AxisSpec = int | None | Callable[[Any], int | None]
-
-_MAPPED = Marker("<mapped output>")
-_UNMAPPED = Marker("<unmapped output>")
 
 
 def check_axis_size(axis_size: Any, who: str) -> None:
@@ -148,7 +146,7 @@ class MappedCall:
         self.mapped = [self.leaves[i] for i in self.index]
         self.axes = [axes[i] % jnp.ndim(self.leaves[i]) for i in self.index]
         self.out_axes_spec = out_axes
-        self._out: tuple[Any, list[Any], list[Any], list[str]] | None = None
+        self._out: tuple[Static, list[bool], list[int], list[str]] | None = None
 
     def require_size(self, who: str) -> int:
         return require_size(self.size, who)
@@ -164,32 +162,34 @@ class MappedCall:
         out = call_with(self.treedef, self.leaves, index, values)
         paths, out_def = jtu.tree_flatten_with_path(out)
         out_axes = resolve_out_specs(self.out_axes_spec, out, "out_axes", numbers=True)
-        kinds, axes, mapped_out, unmapped_out, unmapped_paths = [], [], [], [], []
+        leaves, mapped, axes, unmapped_paths = [], [], [], []
         for (path, leaf), axis in zip(paths, out_axes):
             if axis is None:
                 if is_array(leaf):
-                    kinds.append(_UNMAPPED)
-                    unmapped_out.append(leaf)
+                    mapped.append(False)
                     unmapped_paths.append(jtu.keystr(path) or "(root)")
-                else:
-                    kinds.append(leaf)
             elif isinstance(axis, int) and not isinstance(axis, bool):
                 # An int on a Python number broadcasts it, as in Equinox.
-                kinds.append(_MAPPED)
+                leaf = jnp.asarray(leaf)
+                mapped.append(True)
                 axes.append(axis)
-                mapped_out.append(jnp.asarray(leaf))
             else:
                 raise SpecError(
                     f"out_axes resolved to {axis!r} for the output at "
                     f"{jtu.keystr(path) or '(root)'}; it must be an int or None."
                 )
-        self._out = (out_def, kinds, axes, unmapped_paths)
-        return mapped_out, unmapped_out
+            leaves.append(leaf)
+        arrays, signature = split_leaves(leaves)
+        self._out = (Static(out_def, tuple(signature)), mapped, axes, unmapped_paths)
+        return (
+            [x for x, m in zip(arrays, mapped) if m],
+            [x for x, m in zip(arrays, mapped) if not m],
+        )
 
     def finish(self, mapped_out: list[Any], unmapped_out: list[Any]) -> Any:
         """Rebuilds the output; `mapped_out` carry the mapped axis first."""
         assert self._out is not None
-        out_def, kinds, axes, _ = self._out
+        static, mapped, axes, _ = self._out
         moved = []
         for x, axis in zip(mapped_out, axes):
             if not -x.ndim <= axis < x.ndim:
@@ -199,15 +199,7 @@ class MappedCall:
                 )
             moved.append(jnp.moveaxis(x, 0, axis))
         mapped_it, unmapped_it = iter(moved), iter(unmapped_out)
-        leaves = [
-            next(mapped_it)
-            if k is _MAPPED
-            else next(unmapped_it)
-            if k is _UNMAPPED
-            else k
-            for k in kinds
-        ]
-        return jtu.tree_unflatten(out_def, leaves)
+        return static.merge(next(mapped_it) if m else next(unmapped_it) for m in mapped)
 
     def vmap(self, axis_name: Hashable | None, size: int) -> Callable[..., Any]:
         """`inner` under `jax.vmap` over the mapped leaves (axes as given)."""

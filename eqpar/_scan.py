@@ -22,6 +22,7 @@ import jax.tree_util as jtu
 from jaxtyping import PyTree
 
 from ._errors import SpecError
+from ._specs import StaticCarrier
 from ._vma import to_varying, typed, varying_axes
 
 
@@ -83,22 +84,20 @@ def filter_scan(
     """
     carry_dyn, carry_static = eqx.partition(init, eqx.is_array)
     xs_dyn, xs_static = eqx.partition(xs, eqx.is_array)
-    ys_static: list[Any] = []
+    ys = StaticCarrier()
 
     def body(c_dyn: Any, x_dyn: Any) -> tuple[Any, Any]:
         carry = eqx.combine(c_dyn, carry_static)
         new, y = f(carry, eqx.combine(x_dyn, xs_static))
         new_dyn, new_static = eqx.partition(new, eqx.is_array)
         _check_static(new_static, carry_static, new_dyn, c_dyn)
-        y_dyn, y_static = eqx.partition(y, eqx.is_array)
-        ys_static[:] = [y_static]
-        return new_dyn, y_dyn
+        return new_dyn, ys.split(y)
 
     carry_dyn = typed_carry(body, carry_dyn, xs_dyn)
     out_dyn, ys_dyn = scan_typed(
         body, carry_dyn, xs_dyn, length=length, reverse=reverse, unroll=unroll
     )
-    return eqx.combine(out_dyn, carry_static), eqx.combine(ys_dyn, ys_static[0])
+    return eqx.combine(out_dyn, carry_static), ys.merge(ys_dyn)
 
 
 def _check_static(new: Any, old: Any, new_dyn: Any, old_dyn: Any) -> None:

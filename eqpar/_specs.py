@@ -18,7 +18,7 @@ import inspect
 import math
 import types
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -90,6 +90,9 @@ class Marker:
 
 DYNAMIC = Marker("<array>")
 """Stands in for an array leaf in a call signature."""
+FUNCTION = Marker("<function>")
+"""Stands in for a plain Python function held apart from a call's other leaves
+(see `_dispatch/_parts.py`)."""
 
 
 def split_leaves(leaves: Sequence[Any]) -> tuple[list[Any], list[Any]]:
@@ -111,6 +114,43 @@ def merge_leaves(signature: Sequence[Any], arrays: Sequence[Any]) -> list[Any]:
     """Inverse of `split_leaves`."""
     it = iter(arrays)
     return [next(it) if s is DYNAMIC else s for s in signature]
+
+
+class Static:
+    """What is left of a pytree once its arrays are taken out: its structure and
+    its other leaves (any Python value; `DYNAMIC` where an array was, `FUNCTION`
+    where a plain function was held apart). The one way eqpar carries a tree's
+    non-array part across a transform that moves only arrays: a call's arguments
+    into a compiled program (`_dispatch/_parts.py`'s tokens), an output out of
+    `jax.jit` (as pytree node data), `shard_map`, a `make_jaxpr` or a map
+    (`StaticCarrier`, `_mapped.py`). Compared by identity."""
+
+    __slots__ = ("treedef", "signature")
+
+    def __init__(self, treedef: Any, signature: tuple[Any, ...]):
+        self.treedef = treedef
+        self.signature = signature
+
+    def merge(self, arrays: Iterable[Any], functions: Iterable[Any] = ()) -> Any:
+        """The tree, with `arrays` (and `functions`) put back in order."""
+        array_it, function_it = iter(arrays), iter(functions)
+        return self.treedef.unflatten(
+            [
+                next(array_it)
+                if s is DYNAMIC
+                else next(function_it)
+                if s is FUNCTION
+                else s
+                for s in self.signature
+            ]
+        )
+
+
+def split_static(tree: Any) -> tuple[list[Any], Static]:
+    """`tree`'s array leaves and the rest (`Static.merge` puts them back)."""
+    leaves, treedef = jtu.tree_flatten(tree)
+    arrays, signature = split_leaves(leaves)
+    return arrays, Static(treedef, tuple(signature))
 
 
 def replace_leaves(
@@ -157,31 +197,24 @@ def _abstract_leaf(x: Any) -> Any:
 
 
 class StaticCarrier:
-    """Carries an output's non-array leaves (any Python value) around a JAX
-    transform that only returns arrays (`shard_map`, `make_jaxpr`, a scan).
+    """Carries an output's non-array part around a JAX transform that only returns
+    arrays (`shard_map`, `make_jaxpr`, a scan): `split(out)`, inside the
+    transformed function, returns the output's array leaves and keeps its `Static`;
+    `merge(arrays)`, once the transform has returned, rebuilds the output. One
+    carrier per trace (the last trace's part is kept)."""
 
-    `split(out)`, inside the transformed function, returns the output's array
-    leaves and keeps its tree structure and other leaves; `merge(arrays)`, once
-    the transform has returned, rebuilds the output. One carrier per trace.
-    (Through `jax.jit` non-array outputs ride as pytree node data instead, so that
-    jit caches them with their trace: see `_dispatch/_program.py`.)
-    """
-
-    __slots__ = ("_structure",)
+    __slots__ = ("static",)
 
     def __init__(self) -> None:
-        self._structure: tuple[Any, list[Any]] | None = None
+        self.static: Static | None = None
 
     def split(self, out: Any) -> list[Any]:
-        leaves, treedef = jtu.tree_flatten(out)
-        arrays, signature = split_leaves(leaves)
-        self._structure = (treedef, signature)
+        arrays, self.static = split_static(out)
         return arrays
 
     def merge(self, arrays: Sequence[Any]) -> Any:
-        assert self._structure is not None, "merge before split"
-        treedef, signature = self._structure
-        return treedef.unflatten(merge_leaves(signature, arrays))
+        assert self.static is not None, "merge before split"
+        return self.static.merge(arrays)
 
 
 # ----------------------------------------------------------------------------------

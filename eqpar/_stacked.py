@@ -25,7 +25,7 @@ from ._jit import filter_jit
 from ._model_sharding import AbstractStack, MeshAxes, partition_specs
 from ._placement import filter_device_put
 from ._scan import scan_typed, typed_carry
-from ._specs import broadcast_specs, is_array, spec_axes
+from ._specs import broadcast_specs, is_array, spec_axes, StaticCarrier
 
 
 Block = TypeVar("Block")
@@ -322,7 +322,7 @@ class Stacked(AbstractStack, Generic[Block]):
         per_dyn = [eqx.filter(v, eqx.is_array) for _, v in per_layer]
         per_static = [eqx.filter(v, eqx.is_array, inverse=True) for _, v in per_layer]
         x_dyn, x_static = eqx.partition(x, eqx.is_array)
-        ys_static: list[Any] = [None]
+        ys = StaticCarrier()
 
         def layer(c_dyn: Any, layer_dyn: Any, per: list) -> tuple[Any, Any]:
             layer_dyn = jax.tree.map(_gather_leaf, layer_dyn, gathers)
@@ -347,9 +347,7 @@ class Stacked(AbstractStack, Generic[Block]):
                     "an output of the same structure (use `stack.scan` for a block "
                     "returning `(x, y)`)."
                 )
-            y_dyn, y_static = eqx.partition(y, eqx.is_array)
-            ys_static[:] = [y_static]
-            return new_dyn, y_dyn
+            return new_dyn, ys.split(y)
 
         policy = _policy(self.remat, gathering=gather is not None)
         if policy is not None:
@@ -359,8 +357,8 @@ class Stacked(AbstractStack, Generic[Block]):
             return layer(c_dyn, *xs)
 
         x_dyn = typed_carry(body, x_dyn, (layers_dyn, per_dyn))
-        out_dyn, ys = scan_typed(body, x_dyn, (layers_dyn, per_dyn))
-        return eqx.combine(out_dyn, x_static), eqx.combine(ys, ys_static[0])
+        out_dyn, ys_dyn = scan_typed(body, x_dyn, (layers_dyn, per_dyn))
+        return eqx.combine(out_dyn, x_static), ys.merge(ys_dyn)
 
     def _gathers(self, gather: Any, layers_dyn: Any) -> Any:
         """For each array leaf of one layer: `(dimension, mesh axes)` pairs to gather

@@ -185,7 +185,7 @@ def _rebuild_call(
     """`(fun, args, kwargs)` from the parts' tokens, arrays and functions."""
     array_it = iter(arrays)
     function_it = (w.ref() for w in weak)
-    values = [token.rebuild(array_it, function_it) for token in tokens]
+    values = [token.merge(array_it, function_it) for token in tokens]
     if tokens[0] is METHOD_FUNCTION:
         values[:2] = [_MethodNode(values[0], values[1])]
     kwargs = values.pop() if has_kwargs else {}

@@ -24,7 +24,7 @@ from typing import Any
 import equinox as eqx
 import jax.tree_util as jtu
 
-from .._specs import ARRAY_TYPES, DYNAMIC, is_array, Marker
+from .._specs import ARRAY_TYPES, DYNAMIC, FUNCTION, is_array, Static
 from ._tables import Bounded
 
 
@@ -32,10 +32,6 @@ MAX_TOKENS = 4096
 """Distinct argument structures remembered per process."""
 MAX_RECORDS = 4096
 """Live Modules whose parts are remembered per process."""
-
-
-FUNCTION = Marker("<function>")
-"""Stands for a plain Python function among a token's leaves."""
 
 
 def _immutable(treedef: Any) -> bool:
@@ -52,16 +48,15 @@ def _immutable(treedef: Any) -> bool:
     return all(_immutable(child) for child in treedef.children())
 
 
-class Token:
-    """One part's tree structure, leaf types and static values. Interned (see
-    `_token`): equal parts share one token, hashed by identity."""
+class Token(Static):
+    """One part's tree structure, leaf types and static values: its `Static`, each
+    leaf `DYNAMIC` (an array), `FUNCTION` (a plain function) or its value.
+    Interned (see `part`): equal parts share one token, hashed by identity."""
 
-    __slots__ = ("treedef", "signature", "recordable", "__weakref__")
+    __slots__ = ("recordable", "__weakref__")
 
     def __init__(self, treedef: Any, signature: tuple[Any, ...]):
-        self.treedef = treedef
-        # Each leaf: DYNAMIC (an array), FUNCTION (a plain function) or its value.
-        self.signature = signature
+        super().__init__(treedef, signature)
         self.recordable = _immutable(treedef)
 
     def same(self, other: "Token") -> bool:
@@ -75,14 +70,6 @@ class Token:
                 for x, y in zip(self.signature, other.signature)
             )
         )
-
-    def rebuild(self, arrays: Any, functions: Any) -> Any:
-        """The part, from iterators over its arrays and functions."""
-        leaves = [
-            next(arrays) if s is DYNAMIC else next(functions) if s is FUNCTION else s
-            for s in self.signature
-        ]
-        return self.treedef.unflatten(leaves)
 
 
 Part = tuple[Token, tuple[Any, ...], tuple[Any, ...]]

@@ -31,7 +31,7 @@ import jax.tree_util as jtu
 
 from .. import _placement_cache
 from .._errors import DeletedArrayError, SpecError, warn
-from .._specs import is_concrete_array, merge_leaves, split_leaves
+from .._specs import is_concrete_array, split_static, Static
 from ._tables import Bounded
 
 
@@ -54,22 +54,21 @@ def check_donate(donate: Any) -> Donate:
 def split_output(out: Any) -> Any:
     """What the traced body returns: the output itself when its leaves are all
     arrays (jit rebuilds it), otherwise a `_WithStatic` (see `output`)."""
-    leaves, treedef = jtu.tree_flatten(out)
-    arrays, signature = split_leaves(leaves)
-    if len(arrays) == len(leaves):
+    arrays, static = split_static(out)
+    if len(arrays) == len(static.signature):
         return out
-    return _WithStatic(arrays, (treedef, tuple(signature)))
+    return _WithStatic(arrays, static)
 
 
 class _WithStatic:
-    """An output with non-array leaves: its arrays are the pytree's children and the
-    rest (tree structure, non-array leaves) its node data, so that through `jax.jit`
-    the rest is part of the cached trace it came from, as in Equinox's
+    """An output with non-array leaves: its arrays are the pytree's children and its
+    `Static` (tree structure, non-array leaves) the node data, so that through
+    `jax.jit` the rest is part of the cached trace it came from, as in Equinox's
     `filter_jit`."""
 
     __slots__ = ("arrays", "static")
 
-    def __init__(self, arrays: Any, static: tuple[Any, tuple[Any, ...]]):
+    def __init__(self, arrays: Any, static: Static):
         self.arrays = arrays
         self.static = static
 
@@ -85,8 +84,7 @@ def output(out: Any) -> Any:
     """The user's output from what the compiled body returned."""
     if type(out) is not _WithStatic:
         return out
-    treedef, signature = out.static
-    return treedef.unflatten(merge_leaves(signature, out.arrays))
+    return out.static.merge(out.arrays)
 
 
 Targets = Callable[[Any, tuple, dict], Sequence[Any] | None]
