@@ -214,21 +214,30 @@ class MappedCall:
     def unmapped_error(
         self, error: ValueError, axis_name: Hashable | None, size: int, who: str
     ) -> Exception:
-        """Turns JAX's complaint about a mapped output with `out_axes=None` into an
-        eqpar error naming the output (found by tracing each candidate alone)."""
-        if "out_axes" not in str(error) or self._out is None:
+        """An eqpar error naming the `out_axes=None` outputs that depend on the
+        mapped element, when they are why the map failed with `error`; otherwise
+        `error`. Decided by tracing (shapes only), not by reading JAX's message: an
+        output is the culprit when it maps with `out_axes=0` and fails with `None`."""
+        if self._out is None:
             return error
         culprits = []
         for j, path in enumerate(self._out[3]):
-            probe = jax.vmap(
-                lambda m, j=j: self.inner(m)[1][j],
-                in_axes=(self.axes,),
-                out_axes=None,
-                axis_name=axis_name,
-                axis_size=size,
-            )
+
+            def probe(out_axes: int | None, j: int = j) -> Any:
+                return jax.vmap(
+                    lambda m: self.inner(m)[1][j],
+                    in_axes=(self.axes,),
+                    out_axes=out_axes,
+                    axis_name=axis_name,
+                    axis_size=size,
+                )
+
             try:
-                jax.eval_shape(probe, self.mapped)
+                jax.eval_shape(probe(0), self.mapped)
+            except Exception:  # fails for another reason: not its out_axes
+                continue
+            try:
+                jax.eval_shape(probe(None), self.mapped)
             except ValueError:
                 culprits.append(path)
         if not culprits:
