@@ -308,28 +308,36 @@ def equivalent(sharding: Any, target: Any, ndim: int) -> bool:
 
 
 class Last(NamedTuple):
-    """A program's last placement, for the quick check of its next call: the
-    targets and, where an input was copied, that source and its copy, both held
-    weakly (nothing here keeps an array alive; the cache below holds the copy as
-    long as its source lives)."""
+    """A program's last placement, for the quick check of its next call: per
+    position the sharding an input may have to pass as it is, and, where an input
+    was copied, that source and its copy, both held weakly (nothing here keeps an
+    array alive; the cache below holds the copy as long as its source lives)."""
 
     targets: tuple[Any, ...]
+    """Per position, the sharding the input passed with (the target itself, or the
+    input's own sharding, found equal or equivalent to it: the next call's array,
+    usually with that very sharding object, is then checked by identity)."""
     copies: "tuple[tuple[weakref.ref, weakref.ref] | None, ...] | None"
     """Per position, `(source, copy)` where the input was copied; `None`: nothing
     was copied."""
 
 
-def last(arrays: Sequence[Any], placed: Sequence[Any], targets: tuple) -> Last:
+def last(arrays: Sequence[Any], placed: Sequence[Any], targets: Sequence[Any]) -> Last:
     """What `reuse` checks the next call against, after `arrays` were placed as
-    `placed`. Only `jax.Array` sources are remembered (immutable: a NumPy array
-    can change under the same object, so it is copied afresh every call)."""
+    `placed` (on `targets`). Only `jax.Array` sources are remembered (immutable:
+    a NumPy array can change under the same object, so it is copied afresh every
+    call)."""
     copies = tuple(
         (weakref.ref(x), weakref.ref(y))
         if y is not x and is_concrete_array(x) and is_concrete_array(y)
         else None
         for x, y in zip(arrays, placed)
     )
-    return Last(targets, copies if any(copies) else None)
+    passed = tuple(
+        x.sharding if y is x and t is not None and is_concrete_array(x) else t
+        for x, y, t in zip(arrays, placed, targets)
+    )
+    return Last(passed, copies if any(copies) else None)
 
 
 def reuse(arrays: Sequence[Any], last: Last) -> Sequence[Any] | None:

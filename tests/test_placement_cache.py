@@ -415,6 +415,28 @@ def test_the_last_copy_is_reused_only_while_it_is_right():
         f(model, x)
 
 
+def test_an_equivalent_placement_passes_as_it_is_every_call():
+    """Inputs placed with a spec equivalent to the one the call asks for (`P(None,
+    None)` for `P()`) are neither copied nor looked up again, and stay right."""
+    mesh = _mesh()
+    model = _model()
+    params, static = eqx.partition(model, eqx.is_array)
+    odd = jax.tree.map(
+        lambda a: jax.device_put(a, NamedSharding(mesh, P(*[None] * a.ndim))), params
+    )
+    placed = eqx.combine(odd, static)
+    x = jax.device_put(
+        jax.random.normal(jax.random.key(1), (16, 4)), NamedSharding(mesh, P("data"))
+    )
+    f = _shard_map(mesh)
+    misses = eqpar.placement_cache().misses
+    for _ in range(4):
+        out = f(placed, x)
+        np.testing.assert_allclose(out, jax.vmap(model)(x), rtol=1e-6, atol=1e-6)
+    assert eqpar.placement_cache().misses == misses
+    assert _copies_of(placed.layers[0].weight) == {}
+
+
 def _shrink(m, x):
     """One 'training step': every array of the Module scaled, fed back next call."""
     p, s = eqx.partition(m, eqx.is_array)
