@@ -21,6 +21,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import eqpar
+from eqpar._dispatch import _parts
 
 from .helpers import TraceCounter
 
@@ -469,6 +470,65 @@ def test_a_module_passed_again_is_not_flattened_again_and_stays_right():
     other = _Holder(jnp.ones(3), _Tag())  # a new Module is flattened
     np.testing.assert_array_equal(f(other, x), np.ones(3))
     assert _Tag.comparisons > before
+
+
+class _Stepper(eqx.Module):
+    w: jax.Array
+    act: object  # a non-array leaf: the output comes back through jit's node data
+    tag: _Tag = eqx.field(static=True)
+
+
+def _step(m, x):
+    new = eqx.tree_at(lambda m: m.w, m, 0.5 * m.w + m.act(x))
+    return new, jnp.sum(new.w)
+
+
+@pytest.mark.parametrize("act", [jnp.tanh, lambda v: 2.0 * v], ids=["jax", "lambda"])
+def test_a_module_fed_back_is_looked_up_not_flattened_and_stays_right(act):
+    """A training loop's output Module, passed into the next call, is found by its
+    remembered part (not flattened again) and every step equals `jax.jit` on the
+    array alone, with one trace."""
+    counter = TraceCounter(_step)
+    f = eqpar.filter_jit(counter)
+    x = jnp.linspace(-1.0, 1.0, 3)
+    m = _Stepper(jnp.arange(3.0), act, _Tag())
+    m, _ = f(m, x)
+    m, _ = f(m, x)
+    w = m.w
+    ref = jax.jit(lambda w: 0.5 * w + act(x))
+    for _ in range(5):
+        m, total = f(m, x)
+        # Its part is remembered as it is rebuilt: the next call looks it up.
+        record = _parts._RECORDS.get(id(m))
+        assert record is not None and record[0]() is m
+        w = ref(w)
+        np.testing.assert_allclose(m.w, w, rtol=1e-6)
+        np.testing.assert_allclose(total, jnp.sum(w), rtol=1e-6)
+        assert m.act is act
+    assert counter.count == 1
+    # A Module fed back from a program inside an outer trace is not remembered
+    # (its arrays are tracers), and is right.
+    twice = eqx.filter_jit(lambda m: f(f(m, x)[0], x)[0].w)(m)
+    np.testing.assert_allclose(twice, ref(ref(w)), rtol=1e-6)
+
+
+def test_a_fed_back_module_holding_a_list_is_flattened_and_stays_right():
+    class Listed(eqx.Module):
+        ws: list
+        act: object
+
+    f = eqpar.filter_jit(lambda m, x: Listed([w * 0.5 + m.act(x) for w in m.ws], m.act))
+    x = jnp.ones(2)
+    m = Listed([jnp.zeros(2), jnp.ones(2)], jnp.tanh)
+    for _ in range(3):
+        m = f(m, x)
+        m.ws.append(jnp.zeros(2))  # changed in place: must be flattened again
+        m.ws.pop()
+    want = [jnp.zeros(2), jnp.ones(2)]
+    for _ in range(3):
+        want = [w * 0.5 + jnp.tanh(x) for w in want]
+    for a, b in zip(m.ws, want):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_a_remembered_module_is_not_kept_alive():

@@ -18,13 +18,13 @@ built-once step's own parameters) costs a dict lookup instead of a flatten
 
 import types
 import weakref
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import equinox as eqx
 import jax.tree_util as jtu
 
-from .._specs import ARRAY_TYPES, DYNAMIC, FUNCTION, is_array, Static
+from .._specs import ARRAY_TYPES, DYNAMIC, FUNCTION, is_array, merge_leaves, Static
 from ._tables import Bounded
 
 
@@ -127,7 +127,14 @@ def part(x: Any) -> Part:
     found = _RECORDS.get(id(x))
     if found is not None and found[0]() is x:
         return found[1]
-    leaves, treedef = jtu.tree_flatten(x)
+    made = _made(*jtu.tree_flatten(x))
+    if made[0].recordable and isinstance(x, eqx.Module):
+        _remember(x, made)
+    return made
+
+
+def _made(leaves: list[Any], treedef: Any) -> Part:
+    """The part of a tree flattened into `leaves` and `treedef`."""
     arrays, functions, signature, statics = [], [], [], []
     for leaf in leaves:
         if is_array(leaf):
@@ -143,10 +150,58 @@ def part(x: Any) -> Part:
     token = _TOKENS.get(key)  # TypeError for an unhashable static value
     if token is None:
         token = _TOKENS.get_or_make(key, lambda: Token(treedef, tuple(signature)))
-    made = (token, tuple(arrays), tuple(functions))
-    if token.recordable and isinstance(x, eqx.Module):
-        _remember(x, made)
-    return made
+    return (token, tuple(arrays), tuple(functions))
+
+
+# ----------------------------------------------------------------------------------
+# Outputs fed back
+
+
+OutputPlan = tuple[tuple[int | None, Token, tuple[Any, ...], int, int], ...]
+"""Per Module at the top of a compiled call's output: where it is (`None`: the
+output itself, else its index in the output tuple), its token and functions, and
+the range of its arrays among the output's."""
+
+
+def plan_outputs(tree: Any, static: Static, arrays: Sequence[Any]) -> OutputPlan:
+    """How to remember the parts of the Modules at the top of `tree`, a compiled
+    call's output rebuilt from `static` and `arrays` (concrete), without flattening
+    them: made once per output structure (the first concrete output), then used by
+    `remember_outputs` on every call."""
+    treedef, signature = static.treedef, static.signature
+    if isinstance(tree, eqx.Module):
+        children = [(None, tree, treedef, 0, len(signature))]
+    elif type(tree) is tuple:
+        children, start = [], 0
+        for i, (item, child) in enumerate(zip(tree, treedef.children())):
+            stop = start + child.num_leaves
+            if isinstance(item, eqx.Module):
+                children.append((i, item, child, start, stop))
+            start = stop
+    else:
+        return ()
+    plan = []
+    for i, item, child, start, stop in children:
+        first = sum(s is DYNAMIC for s in signature[:start])
+        end = first + sum(s is DYNAMIC for s in signature[start:stop])
+        leaves = merge_leaves(signature[start:stop], arrays[first:end])
+        try:
+            token, _, functions = _made(leaves, child)
+        except TypeError:  # an unhashable static value: flattened when passed
+            continue
+        if token.recordable:
+            plan.append((i, token, functions, first, end))
+    return tuple(plan)
+
+
+def remember_outputs(tree: Any, plan: OutputPlan, arrays: Sequence[Any]) -> None:
+    """Remembers the parts of the Modules at the top of `tree` (see `plan_outputs`),
+    so that one passed back into a call (a training loop's model) is looked up,
+    not flattened."""
+    for i, token, functions, first, end in plan:
+        _remember(
+            tree if i is None else tree[i], (token, tuple(arrays[first:end]), functions)
+        )
 
 
 def _remember(module: Any, made: Part) -> None:

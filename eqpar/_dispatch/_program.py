@@ -32,6 +32,7 @@ import jax.tree_util as jtu
 from .. import _placement_cache
 from .._errors import DeletedArrayError, SpecError, warn
 from .._specs import is_concrete_array, split_static, Static
+from ._parts import OutputPlan, plan_outputs, remember_outputs
 from ._tables import Bounded
 
 
@@ -57,7 +58,18 @@ def split_output(out: Any) -> Any:
     arrays, static = split_static(out)
     if len(arrays) == len(static.signature):
         return out
-    return _WithStatic(arrays, static)
+    return _WithStatic(arrays, _Output(static.treedef, static.signature))
+
+
+class _Output(Static):
+    """The `Static` of a compiled output (one per trace), with its `OutputPlan`
+    once a concrete output has been rebuilt from it."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, treedef: Any, signature: tuple[Any, ...]):
+        super().__init__(treedef, signature)
+        self.plan: OutputPlan | None = None
 
 
 class _WithStatic:
@@ -68,7 +80,7 @@ class _WithStatic:
 
     __slots__ = ("arrays", "static")
 
-    def __init__(self, arrays: Any, static: Static):
+    def __init__(self, arrays: Any, static: _Output):
         self.arrays = arrays
         self.static = static
 
@@ -81,10 +93,24 @@ jtu.register_pytree_node(
 
 
 def output(out: Any) -> Any:
-    """The user's output from what the compiled body returned."""
+    """The user's output from what the compiled body returned.
+
+    The Modules at its top (the output, or the items of an output tuple) have their
+    parts remembered as they are rebuilt (see `_parts.remember_outputs`): a model
+    fed back into the next call, as in a training loop, is looked up there instead
+    of flattened again.
+    """
     if type(out) is not _WithStatic:
         return out
-    return out.static.merge(out.arrays)
+    static, arrays = out.static, out.arrays
+    tree = static.merge(arrays)
+    if arrays and is_concrete_array(arrays[0]):  # not under an outer trace
+        plan = static.plan
+        if plan is None:  # two threads may both make it: the same plan
+            plan = static.plan = plan_outputs(tree, static, arrays)
+        if plan:
+            remember_outputs(tree, plan, arrays)
+    return tree
 
 
 Targets = Callable[[Any, tuple, dict], Sequence[Any] | None]
