@@ -579,7 +579,9 @@ class Parallel(eqx.Module):
         return self._call._fun
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
-        return self._call(*args, **kwargs)
+        # `object.__getattribute__` skips `eqx.Module.__getattribute__` (a Python
+        # hook): 0.1 µs instead of 0.7 µs per call (`timeit`).
+        return object.__getattribute__(self, "_call")(*args, **kwargs)
 
     def lower(self, /, *args: Any, **kwargs: Any) -> Lowered:
         """Lowers the call ahead of time, as `jax.jit(...).lower` does: returns an
