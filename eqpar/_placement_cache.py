@@ -26,10 +26,11 @@ import sys
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType
 
@@ -400,13 +401,19 @@ class Placed(NamedTuple):
     placement the program overrides at a cost."""
 
 
-def place(arrays: Sequence[Any], targets: Sequence[Any]) -> Placed:
+def place(
+    arrays: Sequence[Any], targets: Sequence[Any], fresh: Collection[int] = ()
+) -> Placed:
     """`arrays` with each array moved to its target sharding (`None`: left alone).
 
     Arrays already there are passed as they are, and so are tracers (inside an
     outer trace JAX places them) and deleted arrays (JAX then raises its own
     error). Copies of `jax.Array` sources are looked up in the cache and
-    remembered; NumPy sources are always copied afresh.
+    remembered; NumPy sources are always copied afresh. The positions in `fresh`
+    (inputs a program donates) get a copy of their own: never from the cache nor
+    remembered in it, and sharing no buffer with the source (`device_put` would
+    otherwise reuse the source's buffer on its own device, and donating the copy
+    would delete the source).
     """
     out = list(arrays)
     todo: list[int] = []
@@ -419,7 +426,7 @@ def place(arrays: Sequence[Any], targets: Sequence[Any]) -> Placed:
             sharding = x.sharding
             if x.is_deleted() or equivalent(sharding, target, x.ndim):
                 continue
-            hit = _lookup(x, target)
+            hit = None if i in fresh else _lookup(x, target)
             if hit is not None:
                 out[i], hits = hit, True
                 continue
@@ -429,11 +436,26 @@ def place(arrays: Sequence[Any], targets: Sequence[Any]) -> Placed:
         elif isinstance(x, (np.ndarray, np.generic)):
             todo.append(i)
     if todo:
-        moved = jax.device_put([arrays[i] for i in todo], [targets[i] for i in todo])
+        # `device_put` reuses the source's buffer on the source's own device (even
+        # with `may_alias=False`, jax 0.10): a copy that will be donated is made
+        # from a fresh buffer, so that donating it never deletes the source.
+        moved = jax.device_put(
+            [
+                jnp.copy(arrays[i])
+                if i in fresh and is_concrete_array(arrays[i])
+                else arrays[i]
+                for i in todo
+            ],
+            [targets[i] for i in todo],
+        )
         for i, placed in zip(todo, moved):
             out[i] = placed
             # Under an outer trace `device_put` of a concrete array is staged and
             # gives a tracer: that is no copy to remember.
-            if is_concrete_array(arrays[i]) and is_concrete_array(placed):
+            if (
+                i not in fresh
+                and is_concrete_array(arrays[i])
+                and is_concrete_array(placed)
+            ):
                 _insert(arrays[i], targets[i], placed)
     return Placed(tuple(out), hits or bool(todo), relaid)

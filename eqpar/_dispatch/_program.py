@@ -31,7 +31,7 @@ import jax.tree_util as jtu
 
 from .. import _placement_cache
 from .._errors import DeletedArrayError, SpecError, warn
-from .._specs import is_concrete_array, split_static, Static
+from .._specs import CONCRETE_TYPES, is_concrete_array, split_static, Static
 from ._parts import OutputPlan, plan_outputs, remember_outputs
 from ._tables import Bounded
 
@@ -104,7 +104,11 @@ def output(out: Any) -> Any:
         return out
     static, arrays = out.static, out.arrays
     tree = static.merge(arrays)
-    if arrays and is_concrete_array(arrays[0]):  # not under an outer trace
+    # Only concrete outputs: under an outer transform some may be tracers (an
+    # eager `jax.vmap` or `jax.grad` leaves others concrete), whose parts differ.
+    if CONCRETE_TYPES.issuperset(map(type, arrays)) or all(
+        map(is_concrete_array, arrays)
+    ):
         plan = static.plan
         if plan is None:  # two threads may both make it: the same plan
             plan = static.plan = plan_outputs(tree, static, arrays)
@@ -181,6 +185,7 @@ class Program:
         "_donated_idx",
         "_split",
         "_quiet",
+        "_fresh",
     )
 
     def __init__(
@@ -203,6 +208,8 @@ class Program:
         self._checks = self.donating or targets is not None
         self._quiet = donate.startswith("all")
         self._donated_idx = [i for i in range(n_arrays) if i not in set(kept)]
+        # Donated inputs that must be copied get copies of their own (see `place`).
+        self._fresh = frozenset(self._donated_idx) if self.donating else frozenset()
         if not self.donating:
             self.jitted = jax.jit(body)
             self._call = self.jitted
@@ -272,7 +279,7 @@ class Program:
             if found is None:
                 return arrays
             targets = self._by_shape.get_or_make(shapes, lambda: tuple(found))
-        placed = _placement_cache.place(arrays, targets)
+        placed = _placement_cache.place(arrays, targets, self._fresh)
         self._last = _placement_cache.last(arrays, placed.arrays, targets)
         if placed.relaid:
             names = self._names(fun, args, kwargs)
