@@ -216,28 +216,31 @@ class MappedCall:
     ) -> Exception:
         """An eqpar error naming the `out_axes=None` outputs that depend on the
         mapped element, when they are why the map failed with `error`; otherwise
-        `error`. Decided by tracing (shapes only), not by reading JAX's message: an
-        output is the culprit when it maps with `out_axes=0` and fails with `None`."""
-        if self._out is None:
+        `error`. Decided by tracing (shapes only), not by reading JAX's message: the
+        call traces with those outputs mapped, and an output is a culprit when it
+        alone fails with `out_axes=None` (a trace per unmapped output, plus one,
+        on this failing path only)."""
+        if self._out is None or not self._out[3]:
+            return error
+
+        def probe(out_axes: Any, pick: Callable[[Any], Any]) -> Any:
+            return jax.vmap(
+                lambda m: pick(self.inner(m)[1]),
+                in_axes=(self.axes,),
+                out_axes=out_axes,
+                axis_name=axis_name,
+                axis_size=size,
+            )
+
+        paths = self._out[3]
+        try:  # every unmapped output mapped instead: does the call trace then?
+            jax.eval_shape(probe(0, lambda outs: outs), self.mapped)
+        except Exception:  # no: it fails for another reason than its out_axes
             return error
         culprits = []
-        for j, path in enumerate(self._out[3]):
-
-            def probe(out_axes: int | None, j: int = j) -> Any:
-                return jax.vmap(
-                    lambda m: self.inner(m)[1][j],
-                    in_axes=(self.axes,),
-                    out_axes=out_axes,
-                    axis_name=axis_name,
-                    axis_size=size,
-                )
-
+        for j, path in enumerate(paths):
             try:
-                jax.eval_shape(probe(0), self.mapped)
-            except Exception:  # fails for another reason: not its out_axes
-                continue
-            try:
-                jax.eval_shape(probe(None), self.mapped)
+                jax.eval_shape(probe(None, lambda outs, j=j: outs[j]), self.mapped)
             except ValueError:
                 culprits.append(path)
         if not culprits:

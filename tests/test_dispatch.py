@@ -512,6 +512,51 @@ def test_a_module_fed_back_is_looked_up_not_flattened_and_stays_right(act):
     np.testing.assert_allclose(twice, ref(ref(w)), rtol=1e-6)
 
 
+class _Pair(eqx.Module):
+    c: jax.Array
+    w: jax.Array
+    tag: str = "t"
+
+
+@pytest.mark.parametrize("outer", ["grad", "vmap"])
+def test_an_output_partly_traced_under_an_outer_transform_keeps_one_trace(outer):
+    """Under an eager `jax.grad` or `filter_vmap`, some outputs come back concrete
+    and others as tracers: nothing is remembered from such an output, and a model
+    fed back afterwards finds the one program (one trace, as `eqx.filter_jit`)."""
+    counter = TraceCounter(lambda m, x: _Pair(m.c, m.w * x))
+    f = eqpar.filter_jit(counter)
+    m, x = _Pair(jnp.ones(3), jnp.arange(3.0)), jnp.full(3, 2.0)
+    if outer == "grad":  # c has a zero tangent: it comes back concrete
+        g = jax.grad(lambda x: f(m, x).w.sum())(x)
+        np.testing.assert_allclose(g, m.w)
+    else:  # c does not depend on the mapped x: it comes back concrete
+        out = eqpar.filter_vmap(f, in_axes=(None, 0))(m, jnp.stack([x, x]))
+        np.testing.assert_allclose(out.w, jnp.stack([m.w * x] * 2))
+    out = f(m, x)
+    for _ in range(3):
+        out = f(out, x)
+    np.testing.assert_allclose(out.w, m.w * x**4)
+    assert counter.count == 1
+
+
+def test_donating_a_copy_of_an_unplaced_input_never_deletes_the_source():
+    """An input on one device that a donating program copies to its devices: the
+    copy is donated, the source stays alive (`device_put` would otherwise share the
+    source's buffer on its own device), call after call."""
+    w = jax.device_put(jnp.ones((8, 8)), jax.devices()[0])
+    f = eqpar.filter_pmap(
+        lambda w, x: (w * 2.0, x + 1.0),
+        in_axes=(None, 0),
+        out_axes=(None, 0),
+        donate="all",
+    )
+    for _ in range(3):
+        with pytest.warns(eqpar.EqparWarning, match="the copy was donated"):
+            doubled, _ = f(w, jnp.ones((N, 3)))
+        assert not w.is_deleted()
+        np.testing.assert_array_equal(doubled, np.full((8, 8), 2.0))
+
+
 def test_a_fed_back_module_holding_a_list_is_flattened_and_stays_right():
     class Listed(eqx.Module):
         ws: list
