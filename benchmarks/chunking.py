@@ -187,9 +187,14 @@ def throughput(
     auto = make(chunk_size="auto", memory_budget=budget)
     chosen = eqpar.chosen_chunk_size(auto, *args)
     hand = [c for c in (2**k for k in range(0, 14)) if c < size]
-    fitting = [c for c in hand if _temps_of(make(chunk_size=c), args) <= budget]
+    fitting: list[int] = []  # the largest that fit: the fastest candidates
+    for c in reversed(hand):  # compiled from the largest down, until enough fit
+        if _temps_of(make(chunk_size=c), args) <= budget:
+            fitting.insert(0, c)
+            if len(fitting) == (2 if quick else 4):
+                break
     programs = {"auto": _program(auto)}
-    for c in fitting[-4:]:  # the largest that fit: the fastest candidates
+    for c in fitting:
         programs[f"chunk {c}"] = _program(make(chunk_size=c))
     samples = _timed(programs, args, quick)
     medians = {k: statistics.median(v) for k, v in samples.items()}

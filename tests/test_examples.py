@@ -22,7 +22,7 @@ SMALL = {  # the flags that make each example small enough for CI
     "model_parallel": ["--steps", "3"],
     "pallas_kernels": ["--steps", "2", "--batch", "16", "--width", "8"],
     "distributed_field": ["--size", "64", "--planes", "3"],
-    "deep_transformer": ["--steps", "2", "--batch", "8"],
+    "deep_transformer": ["--steps", "2", "--batch", "8", "--layers", "3"],
 }
 WRITES = {  # what each example writes into --out (and nothing anywhere else)
     "microscope": ["microscope.png"],
