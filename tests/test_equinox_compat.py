@@ -646,6 +646,27 @@ def test_jit_lower_and_compile(lib):
     assert_same(compiled(x, 3.0, shift=jnp.array(1.0)), _affine(x, 3.0, shift=1.0))
 
 
+@both
+def test_jit_ahead_of_time_objects_are_equinoxs(lib):
+    """`.lowered`, `.compile(compiler_options=...)` and `.compiled` (JAX's stages)
+    as in Equinox; eqpar's compiled call also gives JAX's memory and cost
+    analyses directly, the same as through `.compiled`."""
+    x = jnp.arange(256.0).reshape(16, 16)
+    lowered = JIT[lib](lambda a: jnp.tanh(a @ a)).lower(x)
+    assert isinstance(lowered.lowered, jax.stages.Lowered)
+    compiled = lowered.compile(compiler_options={"xla_cpu_enable_fast_math": False})
+    assert isinstance(compiled.compiled, jax.stages.Compiled)
+    assert_same(compiled(x), jnp.tanh(x @ x))
+    memory = compiled.compiled.memory_analysis()
+    assert memory.argument_size_in_bytes == x.nbytes
+    if lib == "eqpar":
+        ours = compiled.memory_analysis()
+        assert ours.argument_size_in_bytes == memory.argument_size_in_bytes
+        assert ours.output_size_in_bytes == memory.output_size_in_bytes
+        assert compiled.cost_analysis() == compiled.compiled.cost_analysis()
+        assert lowered.cost_analysis() == lowered.lowered.cost_analysis()
+
+
 def test_pmap_lower_and_compile_with_keywords():
     x = jnp.arange(4.0)
     f = eqpar.filter_pmap(_affine, in_axes=dict(shift=None))

@@ -265,9 +265,10 @@ def as_tree(fun: Any) -> Any:
 
 
 class Lowered:
-    """An eqpar call lowered ahead of time: `.compile()` gives a callable that takes
-    the same arguments (same static values, shapes and placements) as the call that
-    was lowered; `.as_text()` shows the program."""
+    """An eqpar call lowered ahead of time, as Equinox's: `.compile()` gives a
+    callable that takes the same arguments (same static values, shapes and
+    placements) as the call that was lowered; `.lowered` is JAX's
+    `jax.stages.Lowered`, `.as_text()` shows the program."""
 
     def __init__(
         self, lowered: Any, compiled: Compiled, program: Program, fun: Any, key: tuple
@@ -281,15 +282,26 @@ class Lowered:
     def as_text(self) -> str:
         return self.lowered.as_text()
 
-    def compile(self) -> "CompiledCall":
-        return CompiledCall(self.lowered.compile(), self)
+    def cost_analysis(self) -> Any:
+        """JAX's estimate of the program's cost (`jax.stages.Lowered`'s)."""
+        return self.lowered.cost_analysis()
+
+    def compile(
+        self, compiler_options: dict[str, str | bool] | None = None
+    ) -> "CompiledCall":
+        """Compiles the program (`compiler_options` as for JAX's and Equinox's
+        `compile`)."""
+        compiled = self.lowered.compile(compiler_options=compiler_options)
+        return CompiledCall(compiled, self)
 
 
 class CompiledCall:
-    """A call compiled ahead of time (from `Lowered.compile()`)."""
+    """A call compiled ahead of time (from `Lowered.compile()`), as Equinox's:
+    `.compiled` is JAX's `jax.stages.Compiled`; `memory_analysis()` and
+    `cost_analysis()` are its own."""
 
-    def __init__(self, executable: Any, lowered: Lowered):
-        self.executable = executable
+    def __init__(self, compiled: Any, lowered: Lowered):
+        self.compiled = compiled
         self._lowered = lowered
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
@@ -304,7 +316,16 @@ class CompiledCall:
                 "ones it was now called with. Lower it again for these arguments."
             )
         arrays = program.prepare(arrays, fun, args, kwargs)
-        return program.call_compiled(self.executable, arrays)
+        return program.call_compiled(self.compiled, arrays)
 
     def as_text(self) -> str:
-        return self.executable.as_text()
+        return self.compiled.as_text()
+
+    def memory_analysis(self) -> Any:
+        """The compiled program's memory use (`jax.stages.Compiled`'s: argument,
+        output and temporary bytes)."""
+        return self.compiled.memory_analysis()
+
+    def cost_analysis(self) -> Any:
+        """The compiled program's cost estimate (`jax.stages.Compiled`'s)."""
+        return self.compiled.cost_analysis()
