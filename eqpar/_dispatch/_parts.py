@@ -120,13 +120,16 @@ def split_call(
 
 def part(x: Any) -> Part:
     """One argument's part (a remembered Module's without flattening it)."""
-    if type(x) in ARRAY_TYPES or is_array(x):
+    t = type(x)
+    if t in ARRAY_TYPES:
         return (ARRAY, (x,), ())
-    if type(x) is types.FunctionType:
+    if t is types.FunctionType:
         return (PLAIN_FUNCTION, (), (x,))
-    found = _RECORDS.get(id(x))
+    found = _RECORDS.get(id(x))  # never an array: only Modules are remembered
     if found is not None and found[0]() is x:
         return found[1]
+    if is_array(x):  # an array type not seen yet
+        return (ARRAY, (x,), ())
     made = _made(*jtu.tree_flatten(x))
     if made[0].recordable and isinstance(x, eqx.Module):
         _remember(x, made)
