@@ -13,11 +13,17 @@ target sharding:
   checked on every hit), nor a copy that was itself deleted (donated);
 - NumPy arrays are mutable, so they are never cached: they are copied afresh on
   every call;
+- an input a program donates gets a copy of its own from a fresh buffer, never
+  cached (`place(..., fresh=...)`): donating it never deletes the source;
 - bounded by the bytes of the copies (summed over the devices they occupy), oldest
   first out; `placement_cache(max_bytes=0)` (or the environment variable
   `EQPAR_PLACEMENT_CACHE_BYTES=0`) turns it off;
 - safe under threads: every change holds one re-entrant lock (re-entrant because a
   source's death, which drops its copies, can happen inside any allocation).
+
+Before that, each program checks its inputs against its own last placement
+(`Last`, `reuse`): inputs already where they passed last time, or the very arrays
+it copied last time (then those copies, held weakly), skip the lookup.
 """
 
 import math
