@@ -86,7 +86,7 @@ def measure(embed: int, hidden: int, batch: int) -> dict[str, dict[str, float]]:
 
         with jax.numpy_dtype_promotion("standard"):  # optax's int32 step count
             compiled = eqpar.filter_jit(step).lower(model, st, x).compile()
-        stats = compiled.executable.memory_analysis()
+        stats = compiled.memory_analysis()
         out[name] = {
             "held": _bytes_on_one_device((model, st)),
             "arguments": stats.argument_size_in_bytes,

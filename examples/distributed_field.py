@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"    {TIMING_NOTE}")
 
     compiled = split.lower(field, screens).compile()
-    text, memory = compiled.as_text(), compiled.executable.memory_analysis()
+    text, memory = compiled.as_text(), compiled.memory_analysis()
     exchanges = text.count(" all-to-all(")
     gathers = text.count(" all-gather(")
     block_bytes = field.nbytes // n

@@ -428,7 +428,7 @@ def test_microbatching_bounds_memory_and_emits_no_psum_per_microbatch():
 
     def step_temps(microbatch):
         compiled = _sharded_step(8, microbatch).lower(*args).compile()
-        return compiled.executable.memory_analysis().temp_size_in_bytes
+        return compiled.memory_analysis().temp_size_in_bytes
 
     full = step_temps(None)
     by_k = {k: step_temps(k) for k in (16, 64)}

@@ -665,6 +665,7 @@ def test_jit_ahead_of_time_objects_are_equinoxs(lib):
         assert ours.output_size_in_bytes == memory.output_size_in_bytes
         assert compiled.cost_analysis() == compiled.compiled.cost_analysis()
         assert lowered.cost_analysis() == lowered.lowered.cost_analysis()
+        assert compiled.executable is compiled.compiled  # eqpar's earlier name
 
 
 def test_pmap_lower_and_compile_with_keywords():

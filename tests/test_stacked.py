@@ -511,10 +511,10 @@ def test_fsdp_never_gathers_the_whole_stack(explicit, remat):
     # activations, whatever the depth.
     layer_bytes = 4 * (2 * e * h + h + e)
     acts = 4 * rows * (2 * e + 2 * h)
-    temp = compiled.executable.memory_analysis().temp_size_in_bytes
+    temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp <= 2 * layer_bytes + acts, (temp, layer_bytes)
     deeper = _fsdp_step(2 * depth, explicit, remat)
-    more = deeper.executable.memory_analysis().temp_size_in_bytes - temp
+    more = deeper.memory_analysis().temp_size_in_bytes - temp
     assert more < layer_bytes // 4, (more, layer_bytes)
 
 

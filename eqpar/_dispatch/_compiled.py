@@ -318,6 +318,11 @@ class CompiledCall:
         arrays = program.prepare(arrays, fun, args, kwargs)
         return program.call_compiled(self.compiled, arrays)
 
+    @property
+    def executable(self) -> Any:
+        """The same as `.compiled` (eqpar's earlier name for it)."""
+        return self.compiled
+
     def as_text(self) -> str:
         return self.compiled.as_text()
 
