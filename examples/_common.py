@@ -81,6 +81,36 @@ def rel_diff(a: Any, b: Any) -> float:
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
 
 
+def arrays(tree: Any) -> list[Any]:
+    """The array leaves of `tree`."""
+    import equinox as eqx
+    import jax
+
+    return [a for a in jax.tree.leaves(tree) if eqx.is_array(a)]
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes of `tree` on one device (the first)."""
+    return sum(a.addressable_shards[0].data.nbytes for a in arrays(tree))
+
+
+def as_placed(tree: Any, specs: Any) -> bool:
+    """Whether every array of `tree` is sharded as its `PartitionSpec` in `specs`
+    says (trailing `None`s aside)."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    def padded(spec: P, ndim: int) -> tuple:
+        return tuple(spec) + (None,) * (ndim - len(spec))
+
+    placed = arrays(tree)
+    wanted = [s for s in jax.tree.leaves(specs) if isinstance(s, P)]
+    return len(placed) == len(wanted) and all(
+        padded(a.sharding.spec, a.ndim) == padded(s, a.ndim)
+        for a, s in zip(placed, wanted)
+    )
+
+
 def out_dir(path: str) -> pathlib.Path:
     p = pathlib.Path(path)
     p.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from _common import finish, parser, rel_diff, setup_devices
+from _common import (
+    arrays,
+    as_placed,
+    finish,
+    parser,
+    per_device_bytes,
+    rel_diff,
+    setup_devices,
+)
 from jax.sharding import AxisType, PartitionSpec as P
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
@@ -225,27 +233,7 @@ def explicit(
     return stack, state, specs
 
 
-# ---------------------------------------------------------------- checks
-
-
-def arrays(tree: PyTree) -> list[Array]:
-    return [a for a in jax.tree.leaves(tree) if eqx.is_array(a)]
-
-
-def per_device_bytes(tree: PyTree) -> int:
-    return sum(a.addressable_shards[0].data.nbytes for a in arrays(tree))
-
-
-def as_placed(tree: PyTree, specs: PyTree) -> bool:
-    def padded(spec: P, ndim: int) -> tuple:
-        return tuple(spec) + (None,) * (ndim - len(spec))
-
-    placed = arrays(tree)
-    wanted = [s for s in jax.tree.leaves(specs) if isinstance(s, P)]
-    return len(placed) == len(wanted) and all(
-        padded(a.sharding.spec, a.ndim) == padded(s, a.ndim)
-        for a, s in zip(placed, wanted)
-    )
+# ---------------------------------------------------------------- the run
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
